@@ -1,0 +1,52 @@
+"""HF -> HF: re-shard, cast to another dtype, or turn legacy pytorch_model.bin into safetensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import UnsupportedError
+from ..io.dtypes import FLOAT_DTYPES, dtype_name, parse_dtype
+from ..io.output import Provenance
+from ..io.writer import TensorSpec
+from ..model import open_hf
+from ..pipeline import Plan, TensorJob
+
+SIDE_FILES = ("generation_config.json",)
+
+
+def cast_job(reader, name: str, dtype: torch.dtype | None, group: int | None) -> TensorJob:
+    """A job copying one tensor, cast to dtype when it is floating point."""
+    info = reader.info(name)
+    out_dtype = dtype if (dtype is not None and info.dtype in FLOAT_DTYPES) else info.dtype
+
+    def produce() -> torch.Tensor:
+        return reader.get(name).to(out_dtype)
+
+    return TensorJob(TensorSpec(name, info.shape, out_dtype), produce, group, source=dtype_name(info.dtype))
+
+
+def plan_hf_copy(src: Path, out: Path, dtype: str | None, max_shard_size: int) -> Plan:
+    model = open_hf(src)
+    if model.quantization:
+        raise UnsupportedError(f"{src}/config.json: the model is already quantized "
+                               f"({model.quantization.get('quant_method')}); convert takes unquantized models")
+    arch = model.arch
+    target = parse_dtype(dtype) if dtype else None
+    jobs = [cast_job(model.tensors, n, target, arch.layer_of(n)) for n in model.tensors.names()]
+    config = dict(model.config)
+    if target is not None:
+        config["dtype"] = dtype_name(target)
+        config.pop("torch_dtype", None)
+    return Plan(
+        title=f"convert {src.name} -> {out.name}",
+        out=out,
+        jobs=jobs,
+        max_shard_size=max_shard_size,
+        provenance=Provenance("convert", {"dtype": dtype, "max_shard_size": max_shard_size,
+                                          "source_format": "huggingface"}, [src]),
+        json_files={"config.json": config},
+        copy_files=[src / n for n in SIDE_FILES if (src / n).exists()] + model.tokenizer_files(),
+        readers=[model.tensors],
+    )

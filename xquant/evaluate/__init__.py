@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, divergence to a reference, multiple-choice accuracy, memory."""

@@ -1,0 +1,189 @@
+"""Atomic outputs and provenance manifests.
+
+Every artifact is built in a temporary sibling (`.NAME.xquant-tmp`) and renamed into place only
+when complete, so an interrupted run never leaves something that looks whole. The manifest
+(`xquant-manifest.json`, or `NAME.xquant-manifest.json` beside a single-file artifact) records
+what made it: xquant version, command, options, and sha256 of every input and output file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .. import __version__
+from ..errors import DiskFullError, OutputError
+from .hashing import sha256_cached, sha256_file
+
+MANIFEST_NAME = "xquant-manifest.json"
+
+
+def check_output_path(target: Path, inputs: list[Path], force: bool) -> Path:
+    """Refuse outputs that would overwrite or nest with an input, or an existing artifact."""
+    target = target.expanduser().resolve()
+    for inp in inputs:
+        inp = inp.expanduser().resolve()
+        if target == inp:
+            raise OutputError(f"{target}: the output is the input; choose another output path")
+        if inp.is_dir() and inp in target.parents:
+            raise OutputError(f"{target}: the output would be written inside the input directory {inp}")
+        if inp in target.parents or (target in inp.parents):
+            raise OutputError(f"{target}: the output would contain the input {inp}")
+    if target.exists() and not force:
+        raise OutputError(f"{target}: already exists (use --force to replace it)")
+    if not target.parent.exists():
+        raise OutputError(f"{target.parent}: the output's parent directory does not exist")
+    return target
+
+
+def temp_path_for(target: Path) -> Path:
+    return target.parent / f".{target.name}.xquant-tmp"
+
+
+@dataclass
+class Provenance:
+    """What goes into a manifest besides the output hashes."""
+
+    command: str
+    options: dict[str, Any] = field(default_factory=dict)
+    inputs: list[Path] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def input_records(self) -> list[dict[str, Any]]:
+        records = []
+        for root in self.inputs:
+            files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+            for p in files:
+                if p.name.startswith(".") or MANIFEST_NAME in p.name:
+                    continue
+                records.append({
+                    "path": str(p.resolve()),
+                    "size": p.stat().st_size,
+                    "sha256": sha256_cached(p),
+                })
+        return records
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def build_manifest(prov: Provenance, files: list[Path], root: Path,
+                   known_hashes: dict[str, str] | None = None) -> dict[str, Any]:
+    known_hashes = known_hashes or {}
+    outputs = []
+    for p in files:
+        rel = p.relative_to(root).as_posix() if p != root else p.name
+        digest = known_hashes.get(rel) or sha256_file(p)
+        outputs.append({"path": rel, "size": p.stat().st_size, "sha256": digest})
+    return {
+        "xquant_version": __version__,
+        "command": prov.command,
+        "options": _jsonable(prov.options),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "inputs": prov.input_records(),
+        "outputs": outputs,
+        **_jsonable(prov.extra),
+    }
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    if target.exists():
+        old = target.parent / f".{target.name}.xquant-old"
+        _remove(old)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        _remove(old)
+    else:
+        os.replace(tmp, target)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+class ArtifactDir:
+    """Handle given to the body of `atomic_dir`: where to write, and hashes already known."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.hashes: dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path, prov: Provenance, force: bool = False) -> Iterator[ArtifactDir]:
+    """Build a directory artifact in a temp sibling; manifest + rename on success, cleanup on error."""
+    target = check_output_path(target, prov.inputs, force)
+    tmp = temp_path_for(target)
+    _remove(tmp)  # a leftover from a crashed run: ours by name
+    tmp.mkdir()
+    art = ArtifactDir(tmp)
+    try:
+        yield art
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = build_manifest(prov, files, tmp, art.hashes)
+        _write_json(tmp / MANIFEST_NAME, manifest)
+        _replace(tmp, target)
+    except OSError as e:
+        _remove(tmp)
+        if e.errno in (28, 122):
+            raise DiskFullError(f"{target}: disk full while writing ({e.strerror})") from None
+        raise
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path, prov: Provenance, force: bool = False) -> Iterator[Path]:
+    """Like atomic_dir for a single-file artifact (GGUF); the manifest is a sidecar file."""
+    target = check_output_path(target, prov.inputs, force)
+    tmp = temp_path_for(target)
+    sidecar = target.parent / f"{target.name}.{MANIFEST_NAME}"
+    _remove(tmp)
+    try:
+        yield tmp
+        manifest = build_manifest(prov, [tmp], tmp.parent)
+        manifest["outputs"][0]["path"] = target.name
+        side_tmp = temp_path_for(sidecar)
+        _write_json(side_tmp, manifest)
+        _replace(tmp, target)
+        os.replace(side_tmp, sidecar)
+    except OSError as e:
+        _remove(tmp)
+        if e.errno in (28, 122):
+            raise DiskFullError(f"{target}: disk full while writing ({e.strerror})") from None
+        raise
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_manifest(artifact: Path) -> dict[str, Any] | None:
+    """The manifest of a directory or single-file artifact, or None."""
+    p = artifact / MANIFEST_NAME if artifact.is_dir() else artifact.parent / f"{artifact.name}.{MANIFEST_NAME}"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,153 @@
+"""Size-bounded sharded safetensors writer, laid out from a plan before any tensor arrives.
+
+Shard names and the index follow transformers exactly: `model.safetensors` for a single file,
+otherwise `model-00001-of-0000N.safetensors` plus `model.safetensors.index.json` with
+`metadata.total_size` and `weight_map`. Because offsets are fixed up front, tensors may arrive in
+any order and only the tensor being written is in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import DiskFullError, ShapeError
+from .dtypes import itemsize
+from .safetensors_file import layout, pwrite_all, tensor_bytes
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = itemsize(self.dtype)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def assign_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
+    """Greedy split in the given order: a new shard starts when the next tensor would overflow."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+class _Shard:
+    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None):
+        self.path = path
+        self.specs = {s.name: s for s in specs}
+        head, self.offsets = layout([(s.name, s.shape, s.dtype) for s in specs], metadata)
+        self.size = len(head) + sum(s.nbytes for s in specs)
+        # Streaming sha256 while tensors arrive in file order; otherwise re-read once at close.
+        self.file_order = sorted(self.offsets, key=lambda n: self.offsets[n][0])
+        self.next = 0
+        self.hasher: hashlib._Hash | None = hashlib.sha256(head)
+        self.written: set[str] = set()
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        _guard(path, lambda: pwrite_all(self.fd, memoryview(head), 0))
+
+    def write(self, name: str, data: memoryview) -> None:
+        begin, _ = self.offsets[name]
+        _guard(self.path, lambda: pwrite_all(self.fd, data, begin))
+        self.written.add(name)
+        if self.hasher is not None:
+            if self.next < len(self.file_order) and self.file_order[self.next] == name:
+                self.hasher.update(data)
+                self.next += 1
+            else:
+                self.hasher = None
+
+    def close(self) -> str:
+        _guard(self.path, lambda: os.fsync(self.fd))
+        os.close(self.fd)
+        if self.hasher is not None:
+            return self.hasher.hexdigest()
+        from .hashing import sha256_file
+        return sha256_file(self.path)
+
+
+def _guard(path: Path, action) -> None:
+    try:
+        action()
+    except OSError as e:
+        if e.errno in (28, 122):  # ENOSPC, EDQUOT
+            raise DiskFullError(f"{path}: disk full while writing ({e.strerror})") from None
+        raise
+
+
+class ShardedWriter:
+    """Write a planned set of tensors into transformers-style safetensors shards.
+
+    `add(name, tensor)` checks the tensor against its planned shape and dtype (naming it if they
+    differ); `close()` checks every planned tensor arrived, writes the index and returns
+    {file name: sha256}.
+    """
+
+    def __init__(self, out_dir: Path, specs: list[TensorSpec], max_shard_size: int,
+                 prefix: str = "model", metadata: dict[str, str] | None = None):
+        self.out_dir = out_dir
+        groups = assign_shards(specs, max_shard_size)
+        n = len(groups)
+        self.shards: list[_Shard] = []
+        self._where: dict[str, _Shard] = {}
+        for i, group in enumerate(groups):
+            name = f"{prefix}.safetensors" if n == 1 else f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
+            shard = _Shard(out_dir / name, group, metadata)
+            self.shards.append(shard)
+            for spec in group:
+                self._where[spec.name] = shard
+        self.total_size = sum(s.nbytes for s in specs)
+        self.prefix = prefix
+        self.hashes: dict[str, str] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        shard = self._where.get(name)
+        if shard is None:
+            raise ShapeError(f"tensor '{name}' is not in the output plan")
+        spec = shard.specs[name]
+        if tuple(tensor.shape) != tuple(spec.shape) or tensor.dtype != spec.dtype:
+            raise ShapeError(f"tensor '{name}': got {list(tensor.shape)} {tensor.dtype}, "
+                             f"the plan says {list(spec.shape)} {spec.dtype}")
+        if name in shard.written:
+            raise ShapeError(f"tensor '{name}' written twice")
+        shard.write(name, tensor_bytes(tensor))
+
+    def close(self) -> dict[str, str]:
+        missing = [n for n, s in self._where.items() if n not in s.written]
+        if missing:
+            raise ShapeError(f"{len(missing)} planned tensors were never written (first: '{missing[0]}')")
+        for shard in self.shards:
+            self.hashes[shard.path.name] = shard.close()
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": {n: s.path.name for n, s in sorted(self._where.items())},
+            }
+            path = self.out_dir / f"{self.prefix}.safetensors.index.json"
+            _guard(path, lambda: path.write_text(json.dumps(index, indent=2) + "\n"))
+        return self.hashes
+
+    def abort(self) -> None:
+        for shard in self.shards:
+            try:
+                os.close(shard.fd)
+            except OSError:
+                pass
