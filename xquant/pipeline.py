@@ -32,6 +32,8 @@ class TensorJob:
     produce: Callable[[], torch.Tensor]
     group: int | None = None  # decoder layer; readers are released when the group changes
     source: str = ""  # what it is made from, for the plan table
+    # Set when the output bytes equal a range of an input file: copied in-kernel, never decoded.
+    passthrough: tuple[Path, int] | None = None
 
 
 @dataclass
@@ -95,9 +97,12 @@ def write_jobs(directory: Path, plan: Plan, hashes: dict[str, str]) -> None:
                     for r in plan.readers:
                         r.release()
                     current_group = job.group
-                tensor = job.produce()
-                writer.add(job.spec.name, tensor)
-                del tensor
+                if job.passthrough is not None:
+                    writer.add_range(job.spec.name, job.spec, *job.passthrough)
+                else:
+                    tensor = job.produce()
+                    writer.add(job.spec.name, tensor)
+                    del tensor
                 advance()
         for r in plan.readers:
             r.release()

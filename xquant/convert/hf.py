@@ -24,7 +24,9 @@ def cast_job(reader, name: str, dtype: torch.dtype | None, group: int | None) ->
     def produce() -> torch.Tensor:
         return reader.get(name).to(out_dtype)
 
-    return TensorJob(TensorSpec(name, info.shape, out_dtype), produce, group, source=dtype_name(info.dtype))
+    same = out_dtype == info.dtype
+    return TensorJob(TensorSpec(name, info.shape, out_dtype), produce, group, source=dtype_name(info.dtype),
+                     passthrough=reader.byte_range(name) if same else None)
 
 
 def plan_hf_copy(src: Path, out: Path, dtype: str | None, max_shard_size: int) -> Plan:

@@ -81,6 +81,10 @@ class TensorReader:
     def release(self) -> None:
         """Drop any mapping or cache held for earlier reads (called between layers)."""
 
+    def byte_range(self, name: str) -> tuple[Path, int] | None:
+        """(file, offset) where the tensor's raw little-endian bytes lie contiguously, if they do."""
+        return None
+
     @property
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self._infos.values())
@@ -104,6 +108,11 @@ class SafetensorsReader(TensorReader):
         self.info(name)
         file, entry = self._entries[name]
         return read_tensor(file, entry)
+
+    def byte_range(self, name: str) -> tuple[Path, int] | None:
+        self.info(name)
+        file, entry = self._entries[name]
+        return file, entry.begin
 
 
 def load_pickle_checkpoint(path: Path) -> dict[str, torch.Tensor]:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +53,38 @@ def assign_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[Ten
     return shards
 
 
+class _Hasher:
+    """sha256 of a file's bytes as they are written, computed on a second thread.
+
+    hashlib releases the GIL on large buffers, so hashing overlaps reading and writing. The queue
+    is short: at most two tensors wait to be hashed, which bounds the memory this costs.
+    """
+
+    def __init__(self, head: bytes):
+        self._h = hashlib.sha256(head)
+        self._q: queue.Queue = queue.Queue(maxsize=2)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._q.get()) is not None:
+            data, keepalive = item
+            self._h.update(data)
+            if hasattr(keepalive, "close"):
+                keepalive.close()
+
+    def feed(self, data: memoryview, keepalive: object) -> None:
+        self._q.put((data, keepalive))
+
+    def digest(self) -> str:
+        self._q.put(None)
+        self._thread.join()
+        return self._h.hexdigest()
+
+    def cancel(self) -> None:
+        self._q.put(None)
+
+
 class _Shard:
     def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None):
         self.path = path
@@ -59,29 +94,76 @@ class _Shard:
         # Streaming sha256 while tensors arrive in file order; otherwise re-read once at close.
         self.file_order = sorted(self.offsets, key=lambda n: self.offsets[n][0])
         self.next = 0
-        self.hasher: hashlib._Hash | None = hashlib.sha256(head)
+        self.hasher: _Hasher | None = _Hasher(head)
         self.written: set[str] = set()
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         _guard(path, lambda: pwrite_all(self.fd, memoryview(head), 0))
 
-    def write(self, name: str, data: memoryview) -> None:
+    def _hash(self, name: str, data: memoryview, keepalive: object) -> None:
+        if self.hasher is None:
+            return
+        if self.next < len(self.file_order) and self.file_order[self.next] == name:
+            self.hasher.feed(data, keepalive)
+            self.next += 1
+        else:
+            self.hasher.cancel()
+            self.hasher = None
+
+    def write(self, name: str, data: memoryview, keepalive: object) -> None:
         begin, _ = self.offsets[name]
         _guard(self.path, lambda: pwrite_all(self.fd, data, begin))
         self.written.add(name)
-        if self.hasher is not None:
-            if self.next < len(self.file_order) and self.file_order[self.next] == name:
-                self.hasher.update(data)
-                self.next += 1
+        self._hash(name, data, keepalive)
+
+    def copy_range(self, name: str, src: Path, src_offset: int) -> None:
+        """Copy a tensor's bytes file-to-file inside the kernel (no trip through user memory)."""
+        begin, end = self.offsets[name]
+        with open(src, "rb") as f:
+            _guard(self.path, lambda: copy_range(f.fileno(), src_offset, self.fd, begin, end - begin))
+            if self.hasher is not None and end > begin:
+                # Hash from a read-only mapping of the source: page-cache pages, no copy.
+                start = src_offset - src_offset % mmap.ALLOCATIONGRANULARITY
+                m = mmap.mmap(f.fileno(), src_offset + end - begin - start, access=mmap.ACCESS_READ, offset=start)
+                view = memoryview(m)[src_offset - start:]
+                self._hash(name, view, _MapHandle(m, view))
             else:
-                self.hasher = None
+                self._hash(name, memoryview(b""), None)
+        self.written.add(name)
 
     def close(self) -> str:
-        _guard(self.path, lambda: os.fsync(self.fd))
         os.close(self.fd)
         if self.hasher is not None:
-            return self.hasher.hexdigest()
+            return self.hasher.digest()
         from .hashing import sha256_file
         return sha256_file(self.path)
+
+    def abort(self) -> None:
+        if self.hasher is not None:
+            self.hasher.cancel()
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+class _MapHandle:
+    """Keeps a mapping alive until the hasher is done with it, then unmaps it."""
+
+    def __init__(self, m: mmap.mmap, view: memoryview):
+        self.m, self.view = m, view
+
+    def close(self) -> None:
+        self.view.release()
+        self.m.close()
+
+
+def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int) -> None:
+    done = 0
+    while done < count:
+        n = os.copy_file_range(src_fd, dst_fd, count - done, src_offset + done, dst_offset + done)
+        if n == 0:
+            raise OSError(5, "short copy (source file truncated?)")
+        done += n
 
 
 def _guard(path: Path, action) -> None:
@@ -128,7 +210,16 @@ class ShardedWriter:
                              f"the plan says {list(spec.shape)} {spec.dtype}")
         if name in shard.written:
             raise ShapeError(f"tensor '{name}' written twice")
-        shard.write(name, tensor_bytes(tensor))
+        shard.write(name, tensor_bytes(tensor), tensor)
+
+    def add_range(self, name: str, spec: TensorSpec, src: Path, offset: int) -> None:
+        """Write a tensor whose bytes already lie in `src` at `offset`, unchanged (a pass-through)."""
+        shard = self._where.get(name)
+        if shard is None or shard.specs[name] != spec:
+            raise ShapeError(f"tensor '{name}' does not match the output plan")
+        if name in shard.written:
+            raise ShapeError(f"tensor '{name}' written twice")
+        shard.copy_range(name, src, offset)
 
     def close(self) -> dict[str, str]:
         missing = [n for n, s in self._where.items() if n not in s.written]
@@ -147,7 +238,4 @@ class ShardedWriter:
 
     def abort(self) -> None:
         for shard in self.shards:
-            try:
-                os.close(shard.fd)
-            except OSError:
-                pass
+            shard.abort()
