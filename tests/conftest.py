@@ -66,3 +66,20 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
     assert "Traceback" not in proc.stderr
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_derivative() -> Path:
+    """The tiny model's "derivative" (float16, vocabulary 2000 -> 2256, trained further), built once.
+
+    Its base is the tiny model converted to float16 (the Ziya situation in miniature).
+    """
+    import json
+
+    from xquant.delta.fixture import derivative_dir
+
+    path = derivative_dir()
+    built = json.loads((path / "xquant-tiny.json").read_text())
+    report(f"tiny derivative {path.name}: vocabulary {built['vocab'][0]} -> {built['vocab'][1]}, "
+           f"{built['spec']['steps']} training steps in {built['train_seconds']} s")
+    return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import UnsupportedError
@@ -50,12 +51,38 @@ class Architecture:
         return None
 
     def num_layers(self, config: dict) -> int:
-        return int(config.get("num_hidden_layers") or config.get("n_layers"))
+        value = config.get("num_hidden_layers", config.get("n_layers"))
+        if value is None:
+            raise UnsupportedError("config has no num_hidden_layers")
+        return int(value)
 
 
-def _load(path) -> Architecture:
+def _merge(base: dict, over: dict) -> dict:
+    """Tables merge key by key; any other value in `over` replaces the base's."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _raw(path: Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A file's data with its `base` architecture's data underneath (a LLaMA-like model states
+    only what differs from llama.toml)."""
     with open(path, "rb") as f:
         data = tomllib.load(f)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if base in seen:
+        raise UnsupportedError(f"{path}: architecture bases form a cycle ({' -> '.join((*seen, base))})")
+    base_path = path.parent / f"{base}.toml"
+    if not base_path.exists():
+        raise UnsupportedError(f"{path}: base architecture '{base}' has no file {base_path.name}")
+    return _merge(_raw(base_path, (*seen, base)), data)
+
+
+def _load(path: Path) -> Architecture:
+    data = _raw(path)
     quant = data.pop("quant", {})
     known_keys = {"name", "hf_architectures", "model_type", "gguf_arch", "globals", "layer", "meta"}
     return Architecture(

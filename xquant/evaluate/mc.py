@@ -1,0 +1,91 @@
+"""Multiple-choice accuracy in the C-Eval / CMMLU / MMLU CSV layout (question, A, B, C, D, answer).
+
+Each question is shown with its four options and a cue ("Answer:" / "答案："); the prediction is
+the option whose first token gets the highest next-token logit. The first token of each option
+letter is found by tokenizing prompt+letter and taking the first id after the prompt's ids, so
+tokenizers that merge a leading space into the letter are handled.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CorruptFileError, InputError
+
+COLUMNS = ("question", "A", "B", "C", "D", "answer")
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    options: tuple[str, str, str, str]
+    answer: str
+
+    def prompt(self) -> str:
+        cue = "答案：" if _CJK.search(self.question) else "Answer:"
+        lines = [self.question, *(f"{letter}. {text}" for letter, text in zip("ABCD", self.options)), cue]
+        return "\n".join(lines)
+
+
+def load_mc(path: Path) -> list[Question]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise CorruptFileError(f"{path}: not UTF-8 text") from None
+    rows = list(csv.reader(text.splitlines()))
+    if not rows:
+        raise InputError(f"{path}: empty multiple-choice file")
+    header = [h.strip() for h in rows[0]]
+    if not all(c in header for c in COLUMNS):
+        missing = [c for c in COLUMNS if c not in header]
+        raise CorruptFileError(f"{path}: wrong columns {header} (missing {', '.join(missing)}; "
+                               f"expected id,question,A,B,C,D,answer)")
+    idx = {c: header.index(c) for c in COLUMNS}
+    out = []
+    for n, row in enumerate(rows[1:], 2):
+        if not any(cell.strip() for cell in row):
+            continue
+        try:
+            q = Question(row[idx["question"]], tuple(row[idx[c]] for c in "ABCD"), row[idx["answer"]].strip())
+        except IndexError:
+            raise CorruptFileError(f"{path}:{n}: row has {len(row)} fields, expected {len(header)}") from None
+        if q.answer not in ("A", "B", "C", "D"):
+            raise CorruptFileError(f"{path}:{n}: answer '{q.answer}' is not one of A, B, C, D")
+        out.append(q)
+    if not out:
+        raise InputError(f"{path}: no questions")
+    return out
+
+
+def choice_token_ids(encode, prompt: str) -> tuple[list[int], list[int]]:
+    """Context ids, and for each option letter the id that follows them when the letter is appended.
+
+    The context is the prefix shared by the prompt's ids and all four "prompt + letter" encodings,
+    so a tokenizer that merges the cue's last character with the letter is still scored fairly.
+    """
+    encodings = [encode(prompt + " " + letter) for letter in "ABCD"]
+    base = encode(prompt)
+    k = 0
+    while all(k < len(e) for e in encodings) and k < len(base) and len({e[k] for e in encodings} | {base[k]}) == 1:
+        k += 1
+    firsts = [e[k] if k < len(e) else -1 for e in encodings]
+    if -1 in firsts or len(set(firsts)) != 4:
+        raise InputError("the four option letters do not start with distinct tokens after the prompt")
+    return base[:k], firsts
+
+
+def mc_accuracy(encode, logits_fn, questions: list[Question]) -> dict:
+    correct = 0
+    for q in questions:
+        ids, letters = choice_token_ids(encode, q.prompt())
+        last = logits_fn(ids)[-1]
+        pred = "ABCD"[int(last[letters].argmax())]
+        correct += pred == q.answer
+    return {"questions": len(questions), "correct": correct, "accuracy": correct / len(questions)}

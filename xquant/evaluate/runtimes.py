@@ -1,0 +1,202 @@
+"""Runtimes: each artifact kind is evaluated in its real consumer, behind one small interface.
+
+A runtime loads an artifact and answers two questions: how it tokenizes text, and what logits it
+gives for a sequence of ids. The registry maps artifact kinds to runtimes; `detect_kind` reads the
+artifact (config.json's quantization_config, or the GGUF magic) to pick one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import InputError, MissingDependencyError, UnsupportedError
+
+_RUNTIMES: dict[str, type["Runtime"]] = {}
+
+
+def register(kind: str) -> Callable[[type["Runtime"]], type["Runtime"]]:
+    def deco(cls: type["Runtime"]) -> type["Runtime"]:
+        cls.kind = kind
+        _RUNTIMES[kind] = cls
+        return cls
+
+    return deco
+
+
+def detect_kind(path: Path) -> str:
+    """'hf', 'int8', 'nf4', 'gptq' or 'gguf' for an artifact path."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory")
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf"
+        raise InputError(f"{path}: not a model directory or GGUF file")
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise InputError(f"{path}: not a model directory (no config.json)")
+    q = json.loads(config_path.read_text()).get("quantization_config") or {}
+    method = q.get("quant_method")
+    if method is None:
+        return "hf"
+    if method == "bitsandbytes":
+        return "int8" if q.get("load_in_8bit") else "nf4"
+    if method == "gptq":
+        return "gptq"
+    raise UnsupportedError(f"{config_path}: quantization method '{method}' has no runtime "
+                           f"(known: {', '.join(sorted(_RUNTIMES))})")
+
+
+def open_runtime(path: Path, device: str = "cpu") -> "Runtime":
+    kind = detect_kind(path)
+    return _RUNTIMES[kind](Path(path), device)
+
+
+class Runtime:
+    kind = "?"
+    engine = "?"  # what actually ran it, for the report
+
+    def __init__(self, path: Path, device: str = "cpu"):
+        self.path = path
+        self.device = device
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """[len(ids), vocab] float32 logits on CPU."""
+        raise NotImplementedError
+
+    @property
+    def context(self) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _Transformers(Runtime):
+    """Anything transformers loads by itself from the directory (its config says how)."""
+
+    engine = "transformers"
+
+    def __init__(self, path: Path, device: str = "cpu"):
+        super().__init__(path, device)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = self._load(AutoModelForCausalLM)
+        self.model.eval()
+
+    def _load(self, auto):
+        # On CPU, half-precision weights are evaluated in float32 (CPU kernels for fp16 are slow or
+        # missing); on a GPU the artifact's own dtype is used.
+        dtype = torch.float32 if self.device == "cpu" else "auto"
+        return auto.from_pretrained(self.path, dtype=dtype, device_map=self.device)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, verbose=False)["input_ids"]
+
+    @torch.inference_mode()
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        out = self.model(torch.tensor([ids], device=self.model.device))
+        return out.logits[0].float().cpu()
+
+    @property
+    def context(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+
+@register("hf")
+class HFRuntime(_Transformers):
+    engine = "transformers"
+
+
+@register("int8")
+class Int8Runtime(_Transformers):
+    engine = "transformers + bitsandbytes (LLM.int8)"
+
+    def _load(self, auto):
+        _require("bitsandbytes", "evaluating an int8 artifact", "int8")
+        return auto.from_pretrained(self.path, device_map=self.device)
+
+
+@register("nf4")
+class NF4Runtime(Int8Runtime):
+    engine = "transformers + bitsandbytes (NF4)"
+
+
+@register("gptq")
+class GPTQRuntime(_Transformers):
+    """transformers + optimum + gptqmodel when installed, else xquant's exact dequantized reference."""
+
+    engine = "transformers + optimum/gptqmodel"
+
+    def _load(self, auto):
+        try:
+            import gptqmodel  # noqa: F401
+            import optimum  # noqa: F401
+        except ImportError:
+            return self._dequantized(auto)
+        return auto.from_pretrained(self.path, device_map=self.device)
+
+    def _dequantized(self, auto):
+        from ..quant.gptq.reference import load_dequantized
+
+        self.engine = "xquant dequantized reference (no GPTQ loader installed)"
+        return load_dequantized(self.path, device=self.device)
+
+
+@register("gguf")
+class GGUFRuntime(Runtime):
+    engine = "llama.cpp (llama-cpp-python)"
+
+    def __init__(self, path: Path, device: str = "cpu", n_ctx: int | None = None):
+        super().__init__(path, device)
+        llama_cpp = _require("llama_cpp", "evaluating a GGUF artifact", "llamacpp")
+        from gguf import GGUFReader
+
+        ctx_len = None
+        reader = GGUFReader(path)
+        for field in reader.fields.values():
+            if field.name.endswith(".context_length"):
+                ctx_len = int(field.parts[field.data[0]][0])
+        del reader
+        self._ctx = n_ctx or ctx_len or 2048
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=self._ctx, logits_all=True, verbose=False,
+                                   n_gpu_layers=-1 if device == "cuda" else 0, seed=0)
+
+    def encode(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=self.llm._model.add_bos_token(), special=False)
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        self.llm.reset()
+        self.llm.eval(ids)
+        import numpy as np
+
+        return torch.from_numpy(np.array(self.llm.scores[: len(ids)], dtype=np.float32))
+
+    @property
+    def context(self) -> int:
+        return self._ctx
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def _require(module: str, purpose: str, extra: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependencyError(module.replace("_", "-"), purpose, extra) from None
+
+
+def known_kinds() -> list[str]:
+    return sorted(_RUNTIMES)

@@ -1,0 +1,100 @@
+"""Evaluate one artifact in its own process: `python -m xquant.evaluate.worker JOB.json RESULT.json`.
+
+A separate process per artifact gives each a clean memory measurement (resident memory after the
+libraries are imported, compared with the peak once the model is loaded and evaluated) and keeps
+one runtime's allocations from skewing the next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+
+def _ids_digest(ids: list[int]) -> str:
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+
+
+def evaluate(job: dict) -> dict:
+    import torch
+
+    from ..calib import load_set
+    from .mc import load_mc, mc_accuracy
+    from .metrics import score_set
+    from .runtimes import open_runtime
+
+    torch.manual_seed(0)
+    before = psutil.Process().memory_info().rss
+    t0 = time.perf_counter()
+    rt = open_runtime(Path(job["artifact"]), job.get("device", "cpu"))
+    load_seconds = time.perf_counter() - t0
+    ref_dir = Path(job["ref_dir"])
+    is_ref = job["role"] == "reference"
+    window = min(int(job["window"]), rt.context)
+    result: dict = {"kind": rt.kind, "engine": rt.engine, "load_seconds": load_seconds, "window": window,
+                    "sets": {}, "mc": {}}
+    for spec in job["sets"]:
+        name = spec["name"]
+        ids: list[int] = []
+        for doc in load_set(spec["source"], spec["split"]).documents:
+            ids.extend(rt.encode(doc))
+            if len(ids) >= job["max_tokens"]:
+                break
+        ids = ids[: job["max_tokens"]]
+        digest = _ids_digest(ids)
+        ref_lp = ref_dir / f"{name}.logprobs.npy"
+        if is_ref:
+            row = score_set(rt.logits, ids, window, save_ref=ref_lp)
+            row.update(kl=0.0, top1=1.0)  # the reference against itself, by definition
+            (ref_dir / f"{name}.ids.json").write_text(json.dumps({"digest": digest, "window": window}))
+        else:
+            ref_meta = json.loads((ref_dir / f"{name}.ids.json").read_text())
+            if ref_meta["digest"] != digest:
+                row = score_set(rt.logits, ids, window)
+                row["kl_skipped"] = "tokenizer differs from the reference's: KL and top-1 are not comparable"
+            elif ref_meta["window"] != window:
+                row = score_set(rt.logits, ids, window)
+                row["kl_skipped"] = f"context window {window} differs from the reference's {ref_meta['window']}"
+            else:
+                row = score_set(rt.logits, ids, window, ref=ref_lp)
+        row["ids_digest"] = digest
+        result["sets"][name] = row
+    for path in job.get("mc", []):
+        t1 = time.perf_counter()
+        acc = mc_accuracy(rt.encode, rt.logits, load_mc(Path(path)))
+        acc["seconds"] = time.perf_counter() - t1
+        result["mc"][Path(path).stem] = acc
+    rt.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["memory_bytes"] = max(0, peak - before)
+    result["peak_rss_bytes"] = peak
+    return result
+
+
+def main() -> None:
+    import os
+
+    from ..errors import XQuantError
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    job = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(sys.argv[2])
+    try:
+        result = evaluate(job)
+    except XQuantError as e:
+        result = {"error": str(e)}
+    except Exception as e:  # noqa: BLE001 - reported as a skipped row, not a crash of the report
+        if os.environ.get("XQUANT_DEBUG") == "1":
+            raise
+        result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""`xquant report`: size, memory and accuracy of every artifact next to its reference.
+
+Each artifact (and the reference first) is evaluated in its own worker process, in its real
+runtime. The results become report.json (schema: xquant/report.schema.json), report.md (the table
+people compare artifacts by, with deltas to the reference) and report.png (size vs perplexity).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .calib import bundled_names
+from .console import info, progress
+from .errors import InputError
+from .evaluate.runtimes import detect_kind
+from .io.output import Provenance, atomic_dir, read_manifest
+from .paths import data_dir
+
+SCHEMA_PATH = Path(__file__).resolve().parent / "report.schema.json"
+DEFAULT_EVAL = ("zh", "en", "code")
+
+
+def default_mc() -> list[Path]:
+    return [data_dir("calibration") / "mc" / "bilingual.csv"]
+
+
+def _eval_specs(evals: list[str]) -> list[dict[str, str]]:
+    specs = []
+    for e in evals:
+        if e in bundled_names():
+            specs.append({"name": e, "source": e, "split": "eval"})
+        else:
+            p = Path(e)
+            if not p.exists():
+                raise InputError(f"{e}: neither a bundled eval set ({', '.join(bundled_names())}) nor a file")
+            specs.append({"name": p.stem, "source": str(p), "split": "eval"})
+    from .calib import load_set
+
+    for spec in specs:  # unreadable, empty or non-UTF-8 text fails here, before any evaluation
+        load_set(spec["source"], spec["split"])
+    return specs
+
+
+def _disk_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*")
+               if p.is_file() and p.suffix in (".safetensors", ".bin", ".pth", ".gguf"))
+
+
+def _param_count(reference: Path) -> int:
+    from .inspect import inspect_path
+
+    return int(inspect_path(reference)["parameters"])
+
+
+def _run_worker(job: dict, workdir: Path, name: str) -> dict:
+    job_path, out_path = workdir / f"{name}.job.json", workdir / f"{name}.result.json"
+    job_path.write_text(json.dumps(job))
+    proc = subprocess.run([sys.executable, "-m", "xquant.evaluate.worker", str(job_path), str(out_path)],
+                          capture_output=True, text=True, env={**os.environ, "XQUANT_QUIET": "1"})
+    if proc.returncode != 0 or not out_path.exists():
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"evaluation process failed: {last}"}
+    return json.loads(out_path.read_text())
+
+
+def _made_by(path: Path) -> dict[str, Any] | None:
+    m = read_manifest(path)
+    if not m:
+        return None
+    return {"command": m.get("command"), "options": m.get("options"), "xquant_version": m.get("xquant_version")}
+
+
+def build_report(reference: Path, artifacts: list[Path], out: Path, evals: list[str] | None = None,
+                 mc: list[Path] | None = None, max_tokens: int = 8192, window: int = 2048,
+                 device: str = "cpu", force: bool = False) -> dict[str, Any]:
+    """Evaluate the reference and each artifact; write report.{json,md,png} into `out`."""
+    reference = Path(reference)
+    kinds = {p: detect_kind(p) for p in [reference, *artifacts]}
+    specs = _eval_specs(list(evals or DEFAULT_EVAL))
+    mc_paths = [str(p) for p in (mc if mc is not None else default_mc())]
+    for p in mc_paths:  # fail early on a broken MC file, before any evaluation
+        from .evaluate.mc import load_mc
+
+        load_mc(Path(p))
+    params = _param_count(reference)
+    prov = Provenance("report", {"evals": [s["source"] for s in specs], "mc": mc_paths,
+                                 "max_tokens": max_tokens, "window": window}, [])
+    rows: list[dict[str, Any]] = []
+    with atomic_dir(out, prov, force=force) as art, tempfile.TemporaryDirectory() as tmp:
+        ref_dir = Path(tmp)
+        entries = [(reference, "reference"), *((a, "artifact") for a in artifacts)]
+        with progress("evaluating", total=len(entries)) as advance:
+            for i, (path, role) in enumerate(entries):
+                info(f"evaluating {path} ({kinds[path]})")
+                job = {"artifact": str(path), "role": role, "sets": specs, "mc": mc_paths,
+                       "max_tokens": max_tokens, "window": window, "ref_dir": str(ref_dir), "device": device}
+                res = _run_worker(job, ref_dir, f"a{i}")
+                if role == "reference" and "error" in res:
+                    raise InputError(f"{path}: the reference could not be evaluated ({res['error']})")
+                size = _disk_size(path)
+                rows.append({
+                    "name": path.name, "path": str(path.resolve()), "role": role, "kind": kinds[path],
+                    "size_bytes": size, "bits_per_weight": size * 8 / params if params else None,
+                    "made_by": _made_by(path), **res,
+                })
+                advance()
+        report = {"schema": "xquant-report/1", "xquant_version": __version__, "reference": str(reference.resolve()),
+                  "parameters": params, "eval_sets": [s["name"] for s in specs],
+                  "mc_sets": [Path(p).stem for p in mc_paths], "artifacts": rows}
+        (art.path / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        (art.path / "report.md").write_text(render_markdown(report))
+        plot(report, art.path / "report.png")
+    return report
+
+
+def mean_ppl(row: dict[str, Any]) -> float | None:
+    """Geometric mean of the per-set perplexities (one number for plots and sorting)."""
+    sets = row.get("sets") or {}
+    vals = [s["ppl"] for s in sets.values()]
+    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else None
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    sets, mcs = report["eval_sets"], report["mc_sets"]
+    ref = next(r for r in report["artifacts"] if r["role"] == "reference")
+    head = ["artifact", "format", "runtime", "size", "bits/weight", "memory",
+            *(f"ppl {s}" for s in sets), "KL", "top-1", *(f"MC {m}" for m in mcs), "tokens/s"]
+    lines = [f"# xquant report\n", f"Reference: `{report['reference']}` ({report['parameters']:,} parameters)\n",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["artifacts"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['kind']} | skipped: {r['error']} |" + " |" * (len(head) - 3))
+            continue
+        cells = [r["name"], r["kind"], r["engine"], _fmt_bytes(r["size_bytes"]),
+                 f"{r['bits_per_weight']:.2f}", _fmt_bytes(r["memory_bytes"])]
+        for s in sets:
+            row = r["sets"][s]
+            cell = f"{row['ppl']:.2f}"
+            if r is not ref:
+                cell += f" ({100 * (row['ppl'] / ref['sets'][s]['ppl'] - 1):+.2f}%)"
+            cells.append(cell)
+        kls = [r["sets"][s].get("kl") for s in sets]
+        t1s = [r["sets"][s].get("top1") for s in sets]
+        cells.append("n/a" if None in kls else f"{sum(kls) / len(kls):.5f}")
+        cells.append("n/a" if None in t1s else f"{100 * sum(t1s) / len(t1s):.2f}%")
+        cells += [f"{100 * r['mc'][m]['accuracy']:.1f}%" for m in mcs]
+        tps = [r["sets"][s]["tokens_per_s"] for s in sets]
+        cells.append(f"{sum(tps) / len(tps):.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [r for r in report["artifacts"] if any("kl_skipped" in s for s in (r.get("sets") or {}).values())]
+    lines.append("")
+    lines.append("Perplexity: non-overlapping windows of the context, every token after a window's first scored "
+                 "once; in brackets the change against the reference. KL: mean KL divergence of the next-token "
+                 "distribution to the reference's, averaged over sets; top-1: share of positions where both pick "
+                 "the same token. MC: first-token accuracy on A/B/C/D. Memory: resident memory the runtime added "
+                 "while loading and evaluating.")
+    for r in notes:
+        reason = next(s["kl_skipped"] for s in r["sets"].values() if "kl_skipped" in s)
+        lines.append(f"\n- {r['name']}: {reason}")
+    for r in report["artifacts"]:
+        if r.get("made_by"):
+            lines.append(f"\n- {r['name']} made by `xquant {r['made_by']['command']}` "
+                         f"with {json.dumps(r['made_by']['options'], ensure_ascii=False)}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for r in report["artifacts"]:
+        if "error" in r:
+            continue
+        x, y = r["size_bytes"] / 2**20, mean_ppl(r)
+        ax.scatter([x], [y], s=60, marker="*" if r["role"] == "reference" else "o")
+        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("size on disk (MiB)")
+    ax.set_ylabel("perplexity (geometric mean over eval sets)")
+    ax.set_title("size vs perplexity")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
