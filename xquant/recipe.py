@@ -64,7 +64,7 @@ def _hf(src: Path, out: Path, o: dict[str, Any], force: bool) -> None:
     from .convert import plan_convert
     from .pipeline import execute
 
-    execute(plan_convert(src, out, o.get("dtype"), o.get("max_shard_size", "5GB")), force=force)
+    execute(plan_convert(src, out, o.get("dtype"), o.get("max_shard_size", "5GB"), o.get("context")), force=force)
 
 
 @step_kind("int8", lambda o: "int8")
@@ -90,6 +90,31 @@ def _gguf(src: Path, out: Path, o: dict[str, Any], force: bool) -> None:
     from .gguf.writer import execute
 
     execute(plan_gguf(src, out, o.get("outtype", "f16"), o.get("calibration")), force=force)
+
+
+@step_kind("gptq", lambda o: f"gptq-{o.get('bits', 4)}bit-g{o.get('group_size', 128)}")
+def _gptq(src: Path, out: Path, o: dict[str, Any], force: bool) -> None:
+    from .quant.gptq.plan import GPTQOptions, plan_gptq
+    from .quant.gptq.run import run_gptq
+
+    opts = dict(o)
+    if "calibration" in opts:
+        cal = opts["calibration"]
+        opts["calibration"] = tuple(cal) if isinstance(cal, list) else (cal,)
+    try:
+        options = GPTQOptions(**opts)
+    except TypeError as e:
+        raise UnsupportedError(f"recipe: gptq artifact: {e}") from None
+    run_gptq(plan_gptq(src, out, options), force=force, resume=True)
+
+
+@step_kind("apply-delta", lambda o: "merged")
+def _apply_delta(src: Path, out: Path, o: dict[str, Any], force: bool) -> None:
+    from .delta import execute, plan_apply_delta
+
+    execute(plan_apply_delta(src, Path(o["delta"]), out, dtype=o.get("dtype"), style=o.get("style"),
+                             expect_sha256=Path(o["expect_sha256"]) if o.get("expect_sha256") else None),
+            force=force)
 
 
 @dataclass
@@ -179,16 +204,19 @@ def plan_recipe(recipe: dict[str, Any], workdir: Path, base_dir: Path | None = N
     current = source
     if not source.exists() or detect(source) == "meta" or "dtype" in src_cfg:
         hf = workdir / f"hf-{src_cfg.get('dtype', 'float16')}"
-        steps.append(Step("hf", "hf", source, hf, {"dtype": src_cfg.get("dtype", "float16")}))
+        opts = {"dtype": src_cfg.get("dtype", "float16"),
+                **{k: src_cfg[k] for k in ("context", "max_shard_size") if k in src_cfg}}
+        steps.append(Step("hf", "hf", source, hf, opts))
         current = hf
     if "delta" in recipe:
-        if "apply-delta" not in _STEPS:
-            raise UnsupportedError("recipe: [delta] needs the apply-delta step, which this build lacks")
-        d = recipe["delta"]
+        d = dict(recipe["delta"])
+        if "path" not in d:
+            raise InputError("recipe: [delta] needs a path (the published delta directory)")
+        if d.get("expect_sha256"):
+            d["expect_sha256"] = str((base_dir / d["expect_sha256"]).resolve())
         merged = workdir / "merged"
         steps.append(Step("merged", "apply-delta", current, merged,
-                          {"delta": str((base_dir / d["path"]).resolve()),
-                           **{k: v for k, v in d.items() if k != "path"}}))
+                          {"delta": str((base_dir / d.pop("path")).resolve()), **d}))
         current = merged
     for i, art in enumerate(recipe.get("artifact", [])):
         kind = art.get("kind")

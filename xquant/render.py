@@ -54,3 +54,20 @@ def render_plan(plan) -> None:
         console.print(table)
     for key, value in plan.summary().items():
         console.print(f"[bold]{key}:[/] {value}")
+
+
+def render_gptq(result) -> None:
+    """A GPTQResult: per-layer time and objective, then where the artifact went."""
+    if result.layers:
+        table = Table(title=f"gptq ({result.engine})")
+        for col in ("layer", "seconds", "mean loss", "max damp"):
+            table.add_column(col, justify="right")
+        for row in result.layers:
+            linears = row.get("linears", {}).values()
+            losses = [v["loss"] for v in linears]
+            table.add_row(str(row["layer"]), f"{row['seconds']:.1f}",
+                          f"{sum(losses) / max(1, len(losses)):.4g}",
+                          f"{max((v['damp'] for v in linears), default=0):g}")
+        console.print(table)
+    resumed = f", resumed at layer {result.resumed_at}" if result.resumed_at else ""
+    console.print(f"[green]wrote[/] {result.out} ({result.engine}, {result.seconds:.1f} s{resumed})")

@@ -50,6 +50,19 @@ class Architecture:
                 return int(head)
         return None
 
+    def expert_tensors(self, i: int, config: dict) -> dict[str, list[str]]:
+        """role -> the routed experts' tensor names of decoder layer i, in expert order, from the
+        `[experts]` section ("{e}" = expert index, `count` = the config key of the expert count);
+        empty for a dense model."""
+        spec = self.extra.get("experts")
+        if not spec:
+            return {}
+        n = config.get(spec["count"])
+        if not isinstance(n, int) or n < 1:
+            raise UnsupportedError(f"config has no valid {spec['count']} ({n!r}) for the experts of {self.name}")
+        return {role: [tmpl.format(i=i, e=e) for e in range(n)]
+                for role, tmpl in spec.items() if role not in ("count", "used")}
+
     def num_layers(self, config: dict) -> int:
         value = config.get("num_hidden_layers", config.get("n_layers"))
         if value is None:

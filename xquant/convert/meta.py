@@ -79,7 +79,7 @@ def _producer(reader: TensorReader, t: MetaTensor, files: list[Path], shape: tup
     return produce
 
 
-def plan_meta_to_hf(src: Path, out: Path, dtype: str | None, max_shard_size: int) -> Plan:
+def plan_meta_to_hf(src: Path, out: Path, dtype: str | None, max_shard_size: int, context: int | None = None) -> Plan:
     """Plan the conversion of a Meta LLaMA directory; raises a typed error on any inconsistency."""
     src = require_dir(Path(src))
     params = MetaParams.read(src / "params.json")
@@ -115,7 +115,10 @@ def plan_meta_to_hf(src: Path, out: Path, dtype: str | None, max_shard_size: int
         # The output, plus a slice and its reordered copy (or two replicated copies being compared).
         working = max(working, jobs[-1].spec.nbytes + 2 * infos[0].nbytes)
 
-    context, why_context = params.context()
+    if context is not None:
+        why_context = "--context"
+    else:
+        context, why_context = params.context()
     tokenizer_json, tokenizer_check, ids_equal = hf_tokenizer_files(sp, context)
     if not ids_equal:
         info(f"warning: {tokenizer_check}")

@@ -89,7 +89,9 @@ class _Transformers(Runtime):
         super().__init__(path, device)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self._tmp = None
+        self.path = self._loadable(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = self._load(AutoModelForCausalLM)
         self.model.eval()
 
@@ -98,6 +100,31 @@ class _Transformers(Runtime):
         # missing); on a GPU the artifact's own dtype is used.
         dtype = torch.float32 if self.device == "cpu" else "auto"
         return auto.from_pretrained(self.path, dtype=dtype, device_map=self.device)
+
+    def _loadable(self, path: Path) -> Path:
+        """A directory transformers can load: for architectures that ship as remote code but share
+        another class's math (the registry's `transformers_as`), a view of the same files with
+        that class named in config.json."""
+        from ..arch import for_config
+
+        config = json.loads((path / "config.json").read_text())
+        alias = for_config(config, str(path / "config.json")).extra.get("transformers_as")
+        if not alias:
+            return path
+        import tempfile
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="xquant-as-")
+        view = Path(self._tmp.name)
+        for f in path.iterdir():
+            if f.name != "config.json":
+                (view / f.name).symlink_to(f.resolve())
+        (view / "config.json").write_text(json.dumps({**config, **alias}))
+        self.engine = f"{self.engine} (as {alias['architectures'][0]})"
+        return view
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, verbose=False)["input_ids"]
@@ -130,6 +157,23 @@ class Int8Runtime(_Transformers):
 class NF4Runtime(Int8Runtime):
     engine = "transformers + bitsandbytes (NF4)"
 
+    def _load(self, auto):
+        return nf4_cpu_fallback(super()._load(auto))
+
+
+# bitsandbytes' packed CPU kernel for 4-bit weights (used on CPUs with AVX512-BF16) needs the
+# output features in blocks of this many and fails otherwise (a MoE's 1-output shared-expert gate).
+_CPU_PACK_BLOCK = 32
+
+
+def nf4_cpu_fallback(model):
+    """Route 4-bit linears whose output size the packed CPU kernel cannot take through
+    bitsandbytes' generic dequantize-and-matmul path instead (same weights, same math)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu") and module.out_features % _CPU_PACK_BLOCK:
+            module.support_avx512bf16_for_cpu = False
+    return model
+
 
 @register("gptq")
 class GPTQRuntime(_Transformers):
@@ -158,8 +202,10 @@ class GGUFRuntime(Runtime):
 
     def __init__(self, path: Path, device: str = "cpu", n_ctx: int | None = None):
         super().__init__(path, device)
-        llama_cpp = _require("llama_cpp", "evaluating a GGUF artifact", "llamacpp")
+        _require("llama_cpp", "evaluating a GGUF artifact", "llamacpp")
         from gguf import GGUFReader
+
+        from ..gguf.kquant import load_llama
 
         ctx_len = None
         reader = GGUFReader(path)
@@ -168,8 +214,7 @@ class GGUFRuntime(Runtime):
                 ctx_len = int(field.parts[field.data[0]][0])
         del reader
         self._ctx = n_ctx or ctx_len or 2048
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=self._ctx, logits_all=True, verbose=False,
-                                   n_gpu_layers=-1 if device == "cuda" else 0, seed=0)
+        self.llm = load_llama(path, n_ctx=self._ctx, n_gpu_layers=-1 if device == "cuda" else 0, seed=0)
 
     def encode(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=self.llm._model.add_bos_token(), special=False)

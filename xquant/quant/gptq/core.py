@@ -1,0 +1,276 @@
+"""The GPTQ algorithm (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers") as a pure function: weights + Hessian -> integer codes,
+per-group scales and zero points, and the column -> group map g_idx.
+
+GPTQ minimises the layer's output error ||WX - QX||² one input column at a time. With
+H = 2XXᵀ, quantizing column j leaves an error e_j = (w_j - q_j); the columns not yet quantized
+absorb it through the inverse Hessian, W[:, k] -= e_j / [H⁻¹]_jj * [H⁻¹]_jk (the OBS update).
+The paper's three practical refinements are all here: a fixed column order (optionally by
+decreasing Hessian diagonal, "act-order"), lazy batch updates over blocks of columns, and the
+upper Cholesky factor of H⁻¹ in place of repeated inverse updates (numerically stable).
+
+Nothing here reads files or knows about models; the layer walker feeds it tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ...errors import XQuantError
+
+BITS = (2, 3, 4, 8)
+FP16_TINY = 2.0 ** -24  # the smallest positive float16: every scale must survive the fp16 cast
+
+
+class HessianError(XQuantError):
+    """The damped Hessian of a linear layer could not be inverted."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize one linear layer."""
+
+    bits: int = 4
+    group_size: int = 128  # -1: one group spanning all input features
+    sym: bool = True
+    desc_act: bool = False
+    static_groups: bool = False
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
+    block_size: int = 128  # columns per lazy batch update
+
+    @property
+    def maxq(self) -> int:
+        return 2 ** self.bits - 1
+
+    def group_width(self, columns: int) -> int:
+        return columns if self.group_size == -1 else self.group_size
+
+
+@dataclass
+class QuantizedWeight:
+    """The result for one linear: everything the checkpoint stores, plus diagnostics.
+
+    `codes[o, i]` is the integer for output row o, input column i (original column order);
+    the weight it stands for is `scales[g_idx[i], o] * (codes[o, i] - zeros[g_idx[i], o])`.
+    `weight` is exactly that product in float32: the dequantizer of a written checkpoint must
+    reproduce it bit for bit (scales are float16-representable by construction).
+    """
+
+    codes: torch.Tensor  # [out, in] uint8
+    scales: torch.Tensor  # [groups, out] float16
+    zeros: torch.Tensor  # [groups, out] int32, in 1..maxq (see find_params)
+    g_idx: torch.Tensor  # [in] int32
+    weight: torch.Tensor  # [out, in] float32, the dequantized weight
+    damp: float  # the damping that made the Hessian invertible
+    loss: float  # GPTQ's objective: sum over columns of (w - q)² / [H⁻¹]_jj, halved
+
+
+def find_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero) for a slice of columns w [rows, cols], min-max over each row.
+
+    Scales are rounded to float16 here, before any code is chosen, so the codes are optimal for
+    the scale the checkpoint will actually hold. Asymmetric zero points are kept in 1..maxq: the
+    GPTQ v1 layout stores zero - 1, and a stored -1 is read differently by different kernels
+    (borrowing into the next packed field, or overflowing it). A row that would need zero 0 (its
+    minimum is about 0) instead gets zero 1 and a scale stretched so its maximum stays covered.
+    """
+    maxq = spec.maxq
+    xmin = w.min(dim=1).values.clamp(max=0)
+    xmax = w.max(dim=1).values.clamp(min=0)
+    if spec.sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    flat = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(flat, -1.0, xmin)
+    xmax = torch.where(flat, 1.0, xmax)
+    scale = _fp16((xmax - xmin) / maxq)
+    if spec.sym:
+        zero = torch.full_like(scale, float((maxq + 1) // 2))
+    else:
+        zero = torch.round(-xmin / scale)
+        low = zero < 1
+        if bool(low.any()):
+            scale = torch.where(low, _fp16(xmax / (maxq - 1)), scale)
+        zero = zero.clamp(1, maxq)
+    return scale, zero
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    out = x.to(torch.float16).to(torch.float32).clamp(min=FP16_TINY)
+    if not bool(torch.isfinite(out).all()):
+        raise XQuantError("weights too large for float16 GPTQ scales (a group spans more than 65504 × levels)")
+    return out
+
+
+@contextlib.contextmanager
+def _single_thread(device: torch.device) -> Iterator[None]:
+    """The column loop is thousands of tiny tensor ops: on CPU, waking other threads for each one
+    costs more than it saves (10x slower on a busy 2-core machine), so run it on one."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, dequantized values) of one column with per-row scale and zero."""
+    q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    return q, scale * (q - zero)
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹, escalating λ until it exists.
+
+    The damping starts at `damp` and doubles while the factorisation fails, up to 1 (the
+    Hessian then weighs no more than the identity it is blended with). Raises HessianError
+    naming the layer when even that fails, or when H holds NaN/inf. H's diagonal is
+    overwritten (the caller's working copy; no identity matrix is allocated for the damping).
+    """
+    if not bool(torch.isfinite(H).all()):
+        raise HessianError(f"{name}: the Hessian has NaN/inf entries (the calibration activations "
+                           f"reaching this layer overflowed or are not finite)")
+    diag = H.diagonal()
+    mean_diag = float(diag.mean())
+    if not mean_diag > 0:
+        raise HessianError(f"{name}: the Hessian's mean diagonal is {mean_diag:g}, not positive "
+                           f"(no calibration signal reaches this layer)")
+    original = diag.clone()
+    lam = damp
+    while True:
+        torch.add(original, lam * mean_diag, out=diag)
+        L, info = torch.linalg.cholesky_ex(H)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U, lam
+        if lam >= 1.0:
+            raise HessianError(f"{name}: the Hessian is not positive definite even with damping "
+                               f"{lam:g} (started at {damp:g}); the layer's calibration inputs are degenerate")
+        lam = min(1.0, lam * 2)
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, name: str = "weight") -> QuantizedWeight:
+    """Quantize W [out, in] given H [in, in] = 2XXᵀ of its calibration inputs.
+
+    Group parameters are chosen when a group's first column comes up, from the columns as
+    the error feedback has left them (the lazy block is widened to a multiple of the group
+    size so a group never straddles two blocks). With act-order, groups are runs of
+    `group_size` columns in the permuted order, and g_idx maps each original column to its
+    group; with static groups they are fixed up front on the original weights, in the original
+    column order, so g_idx stays monotone (kernels then need no reordering).
+    """
+    if spec.bits not in BITS:
+        raise XQuantError(f"{name}: {spec.bits}-bit GPTQ is not supported (choose one of {BITS})")
+    rows, cols = W.shape
+    if H.shape != (cols, cols):
+        raise XQuantError(f"{name}: Hessian shape {tuple(H.shape)} does not match {cols} input features")
+    width = spec.group_width(cols)
+    if cols % width:
+        raise XQuantError(f"{name}: group size {width} does not divide {cols} input features")
+    maxq = spec.maxq
+    W = W.detach().to(torch.float32).clone()
+    H = H.detach().to(torch.float32).clone()
+
+    # Inputs that never fired carry no information: fix their Hessian row, and the weights
+    # they multiply cannot matter to the output, so zero them.
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    n_groups = cols // width
+    static = None
+    if spec.static_groups or spec.group_size == -1:
+        # One (scale, zero) per original group, from the weights before any feedback.
+        static = [find_params(W[:, g * width:(g + 1) * width], spec) for g in range(n_groups)]
+
+    if spec.desc_act:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        W = W[:, perm]
+        H = H.index_select(0, perm).index_select(1, perm)
+    else:
+        perm = torch.arange(cols, device=W.device)
+
+    U, used_damp = inverse_cholesky(H, spec.damp, name)
+    del H
+
+    codes = torch.zeros((rows, cols), dtype=torch.float32, device=W.device)
+    deq = torch.zeros_like(W)
+    col_group = torch.empty(cols, dtype=torch.long, device=W.device)
+    scales = torch.zeros((n_groups, rows), dtype=torch.float32, device=W.device)
+    zeros = torch.zeros((n_groups, rows), dtype=torch.float32, device=W.device)
+    if static is not None:
+        for g, (s, z) in enumerate(static):
+            scales[g], zeros[g] = s, z
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
+
+    block = width * max(1, -(-spec.block_size // width)) if width < cols else spec.block_size
+    perm_list = perm.tolist()
+    scale = zero = None
+    for b0 in range(0, cols, block):
+        b1 = min(b0 + block, cols)
+        Wb = W[:, b0:b1].clone()
+        Ub = U[b0:b1, b0:b1]
+        Eb = torch.zeros_like(Wb)
+        with _single_thread(W.device):
+            for j in range(b1 - b0):
+                c = b0 + j  # position in the (possibly permuted) order
+                if static is not None:
+                    g = perm_list[c] // width
+                    scale, zero = scales[g], zeros[g]
+                elif c % width == 0:
+                    g = c // width
+                    scale, zero = find_params(Wb[:, j:j + width], spec)
+                    scales[g], zeros[g] = scale, zero
+                else:
+                    g = c // width
+                col_group[c] = g
+                w = Wb[:, j]
+                q, dq = quantize_column(w, scale, zero, maxq)
+                codes[:, c], deq[:, c] = q, dq
+                d = Ub[j, j]
+                err = (w - dq) / d
+                loss += ((w - dq) ** 2).sum() / (2 * d * d)  # stays a tensor: no device sync per column
+                Wb[:, j:] -= err[:, None] * Ub[j, j:][None, :]
+                Eb[:, j] = err
+        W[:, b1:] -= Eb @ U[b0:b1, b1:]
+
+    inv = torch.argsort(perm)
+    g_idx = col_group[inv].to(torch.int32)
+    codes = codes[:, inv].to(torch.uint8)
+    weight = deq[:, inv]
+    return QuantizedWeight(codes=codes.cpu(), scales=scales.to(torch.float16).cpu(),
+                           zeros=zeros.to(torch.int32).cpu(), g_idx=g_idx.cpu(), weight=weight.cpu(),
+                           damp=used_damp, loss=float(loss))
+
+
+def rtn_quantize(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Round-to-nearest with the same grid (groups, scales, zeros): the baseline GPTQ must beat."""
+    W = W.detach().to(torch.float32)
+    rows, cols = W.shape
+    width = spec.group_width(cols)
+    n_groups = cols // width
+    codes = torch.empty((rows, cols), dtype=torch.uint8)
+    weight = torch.empty_like(W)
+    scales = torch.empty((n_groups, rows), dtype=torch.float16)
+    zeros = torch.empty((n_groups, rows), dtype=torch.int32)
+    for g in range(n_groups):
+        sl = slice(g * width, (g + 1) * width)
+        s, z = find_params(W[:, sl], spec)
+        q = torch.clamp(torch.round(W[:, sl] / s[:, None]) + z[:, None], 0, spec.maxq)
+        codes[:, sl], weight[:, sl] = q.to(torch.uint8), s[:, None] * (q - z[:, None])
+        scales[g], zeros[g] = s.to(torch.float16), z.to(torch.int32)
+    g_idx = (torch.arange(cols) // width).to(torch.int32)
+    return QuantizedWeight(codes, scales, zeros, g_idx, weight, damp=0.0, loss=float("nan"))

@@ -1,0 +1,297 @@
+"""`xquant gptq`: options, validation, calibration windows and the output plan.
+
+Everything a run needs is decided here, before any layer is quantized: the quantization spec,
+the calibration windows (tokenized with the model's own tokenizer and sampled
+deterministically), the list of output tensors (packed linears in the GPTQ v1 layout, every
+other tensor copied), `quantize_config.json` and the `quantization_config` added to
+config.json (GPTQModel's keys and values), and a memory estimate. `--dry-run` prints this plan;
+`run.run_gptq` executes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ... import __version__
+from ...calib import load_set, sample_windows
+from ...convert.hf import SIDE_FILES
+from ...errors import InputError, UnsupportedError
+from ...io.dtypes import FLOAT_DTYPES, dtype_name, human_bytes, parse_size
+from ...io.output import Provenance
+from ...io.writer import TensorSpec
+from ...model import HFModel, open_hf
+from ...pipeline import Plan, TensorJob
+from .core import BITS, QuantSpec
+from .pack import check_packable, packed_shapes
+from .state import LayerFiles, state_dir_for
+from .walker import BATCH_TOKENS, layer_linears
+
+ENGINES = ("xquant", "optimum")
+# Resident before any tensor: torch + transformers' modeling code + the tokenizer (measured 0.86 GiB).
+GPTQ_BASE_MEMORY = 900 * 2**20
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    """The command's options, as plain data (recorded in the manifest)."""
+
+    bits: int = 4
+    group_size: int = 128
+    desc_act: bool = False
+    static_groups: bool = False
+    sym: bool = True
+    damp: float = 0.01
+    true_sequential: bool = True
+    calibration: tuple[str, ...] = ("mixed",)
+    samples: int = 128
+    seq_len: int = 2048
+    seed: int = 0
+    device: str = "cpu"
+    engine: str = "xquant"
+    max_shard_size: str = "5GB"
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym, desc_act=self.desc_act,
+                         static_groups=self.static_groups, damp=self.damp)
+
+    def check(self) -> None:
+        if self.bits not in BITS:
+            raise UnsupportedError(f"--bits {self.bits}: GPTQ stores 2, 3, 4 or 8 bits")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise UnsupportedError(f"--group-size {self.group_size}: use a positive size or -1 (one group per row)")
+        if not 0 < self.damp < 1:
+            raise UnsupportedError(f"--damp {self.damp}: must lie between 0 and 1 (a fraction of the mean Hessian diagonal)")
+        if self.samples < 1 or self.seq_len < 2:
+            raise UnsupportedError(f"--samples {self.samples} --seq-len {self.seq_len}: need at least 1 sample of 2 tokens")
+        if self.engine not in ENGINES:
+            raise UnsupportedError(f"--engine {self.engine}: unknown (known: {', '.join(ENGINES)})")
+        if self.device not in DEVICES:
+            raise UnsupportedError(f"--device {self.device}: unknown (known: {', '.join(DEVICES)})")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UnsupportedError("--device cuda: no CUDA device is available to torch on this machine")
+        if not self.calibration:
+            raise UnsupportedError("--calibration: name at least one set or file")
+
+
+def quantize_config(o: GPTQOptions) -> dict[str, Any]:
+    """quantize_config.json, also stored as config.json's quantization_config: the keys GPTQModel
+    writes for a GPTQ v1 checkpoint; settings that only shaped the quantization go under meta."""
+    return {
+        "bits": o.bits,
+        "group_size": o.group_size,
+        "desc_act": o.desc_act,
+        "lm_head": False,
+        "method": "gptq",
+        "quant_method": "gptq",
+        "format": "gptq",
+        "checkpoint_format": "gptq",
+        "pack_dtype": "int32",
+        "meta": {
+            "quantizer": [f"xquant:{__version__}"],
+            "damp_percent": o.damp,
+            "static_groups": o.static_groups,
+            "true_sequential": o.true_sequential,
+            "mse": 0.0,
+            "act_group_aware": False,
+        },
+        "sym": o.sym,
+    }
+
+
+@dataclass
+class Calibration:
+    """Token windows [samples, seq_len] and where they came from."""
+
+    windows: torch.Tensor
+    sets: list[dict[str, Any]]
+    tokens: int
+
+    def fingerprint(self) -> dict[str, Any]:
+        digest = hashlib.sha256(self.windows.to(torch.int64).numpy().tobytes()).hexdigest()
+        return {"sets": self.sets, "tokens": self.tokens, "samples": int(self.windows.shape[0]),
+                "seq_len": int(self.windows.shape[1]), "windows_sha256": digest}
+
+
+def load_tokenizer(model: HFModel):
+    if not (model.path / "tokenizer.json").exists() and not (model.path / "tokenizer.model").exists():
+        raise InputError(f"{model.path}: no tokenizer (tokenizer.json or tokenizer.model); GPTQ calibration "
+                         f"text is tokenized with the model's own tokenizer")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model.path)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; the user needs one line
+        raise InputError(f"{model.path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+
+
+def calibration_windows(model: HFModel, o: GPTQOptions) -> Calibration:
+    """Tokenize the calibration sets (each document from BOS) and draw the windows."""
+    tokenizer = load_tokenizer(model)
+    ids: list[int] = []
+    sets = []
+    for spec in o.calibration:
+        text_set = load_set(spec, "calib")
+        n0 = len(ids)
+        for doc in text_set.documents:
+            ids.extend(tokenizer(doc, verbose=False)["input_ids"])
+        sets.append({"name": text_set.name, "documents": len(text_set.documents),
+                     "tokens": len(ids) - n0, "sha256": text_set.fingerprint()})
+    source = "calibration " + " + ".join(s["name"] for s in sets)
+    windows = sample_windows(ids, o.samples, o.seq_len, o.seed, source=source)
+    return Calibration(torch.tensor(windows, dtype=torch.long), sets, len(ids))
+
+
+@dataclass
+class GPTQPlan(Plan):
+    """A pipeline plan whose quantized tensors come from the layer walker's resume state."""
+
+    model: HFModel | None = None
+    options: GPTQOptions = field(default_factory=GPTQOptions)
+    calibration: Calibration | None = None
+    num_layers: int = 0
+    layer_bytes: int = 0  # the largest decoder layer as stored
+    act_dtype: torch.dtype = torch.float32
+    quantized: set[str] = field(default_factory=set)  # source weights that are packed
+    peak_estimate: int = 0
+
+    def peak_memory_estimate(self) -> int:
+        return self.peak_estimate
+
+    def summary(self) -> dict[str, Any]:
+        o, c = self.options, self.calibration
+        out = {
+            "engine": o.engine,
+            "quantization": f"{o.bits}-bit, group {o.group_size}, {'sym' if o.sym else 'asym'}"
+                            f"{', act-order' if o.desc_act else ''}{', static groups' if o.static_groups else ''}"
+                            f", damp {o.damp}, {'true-sequential' if o.true_sequential else 'one pass per layer'}",
+            "calibration": f"{c.windows.shape[0]} x {c.windows.shape[1]} tokens from "
+                           f"{' + '.join(s['name'] for s in c.sets)} ({c.tokens:,} tokens, seed {o.seed})",
+            "decoder layers": f"{self.num_layers} (largest {human_bytes(self.layer_bytes)} on disk)",
+            "quantized linears": len(self.quantized),
+        }
+        return {**out, **super().summary()}
+
+    def fingerprint(self) -> str:
+        """Everything that shapes the quantized tensors: the resume state must match it."""
+        files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in self.model.tensors.files()]
+        o = asdict(self.options)
+        for k in ("device", "engine", "max_shard_size"):
+            o.pop(k)
+        blob = json.dumps({"files": files, "options": o, "calibration": self.calibration.fingerprint(),
+                           "act_dtype": dtype_name(self.act_dtype), "xquant": __version__}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _memory_estimate(model: HFModel, arch, o: GPTQOptions, act_dtype: torch.dtype, layer_bytes: int) -> int:
+    """Activations twice (a layer's inputs and outputs), the layer in float32, the largest
+    Hessian with its factorisations, and one batch of working tensors."""
+    cfg = model.config
+    hidden = int(cfg["hidden_size"])
+    widest = max(hidden, int(cfg.get("intermediate_size") or hidden))
+    acts = o.samples * o.seq_len * hidden * torch.empty((), dtype=act_dtype).element_size()
+    itemsize = model.tensors.info(arch.layer_tensor(arch.linear_roles()[0], 0)).dtype.itemsize
+    layer_f32 = layer_bytes * 4 // itemsize
+    hessian = 4 * widest * widest * 4
+    batch = max(o.seq_len, BATCH_TOKENS) * widest * 4 * 4  # MLP gate, up, activation, product
+    return int(GPTQ_BASE_MEMORY + 2 * acts + layer_f32 + hessian + batch)
+
+
+def plan_gptq(src: Path, out: Path, options: GPTQOptions) -> GPTQPlan:
+    """Validate everything and plan the artifact; raises a one-line error on bad input."""
+    options.check()
+    model = open_hf(Path(src))
+    if model.quantization:
+        raise UnsupportedError(f"{model.path / 'config.json'}: the model is already quantized "
+                               f"({model.quantization.get('quant_method', '?')}); GPTQ needs the unquantized weights")
+    arch = model.arch
+    reader = model.tensors
+    num_layers = arch.num_layers(model.config)
+    n_pos = model.config.get("max_position_embeddings")
+    if n_pos and options.seq_len > int(n_pos):
+        raise UnsupportedError(f"--seq-len {options.seq_len}: longer than the model's context "
+                               f"(max_position_embeddings {n_pos} in {model.path / 'config.json'})")
+    for name in arch.globals.values():
+        if name in reader and reader.info(name).dtype not in FLOAT_DTYPES:
+            raise UnsupportedError(f"{name}: dtype {reader.info(name).dtype} is not floating point; "
+                                   f"is the model already quantized?")
+
+    o = options
+    outputs: dict[str, TensorSpec] = {}
+    quantized: set[str] = set()
+    layer_bytes = 0
+    for i in range(num_layers):
+        head = f"{arch.layers_module}.{i}."
+        layer_bytes = max(layer_bytes, sum(reader.info(n).nbytes for n in reader.names() if n.startswith(head)))
+        for ref in layer_linears(arch, reader, i):
+            info = reader.info(ref.weight)
+            if len(info.shape) != 2 or info.dtype not in FLOAT_DTYPES:
+                raise UnsupportedError(f"{ref.weight}: expected a 2-D floating-point weight, found "
+                                       f"{list(info.shape)} {dtype_name(info.dtype)} (already quantized?)")
+            out_f, in_f = info.shape
+            check_packable(ref.weight, out_f, in_f, o.bits, o.group_size)
+            quantized.add(ref.weight)
+            for suffix, (shape, dtype) in packed_shapes(out_f, in_f, o.bits, o.group_size).items():
+                outputs[f"{ref.prefix}.{suffix}"] = TensorSpec(f"{ref.prefix}.{suffix}", shape, dtype)
+            if ref.bias:
+                outputs[ref.bias] = TensorSpec(ref.bias, reader.info(ref.bias).shape, torch.float16)
+
+    calibration = calibration_windows(model, o)
+    src_dtype = reader.info(arch.layer_tensor(arch.linear_roles()[0], 0)).dtype
+    act_dtype = src_dtype if src_dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+    state_files = LayerFiles(state_dir_for(Path(out)))
+    derived = tuple(t.split("{i}.", 1)[-1] for t in arch.extra.get("derived", {}).values())
+    jobs: list[TensorJob] = []
+    for name in reader.names():
+        if derived and name.endswith(derived):
+            continue  # buffers transformers recomputes (old rotary inv_freq)
+        group = arch.layer_of(name)
+        if name in quantized:
+            prefix = name.removesuffix(".weight")
+            for suffix in ("qweight", "qzeros", "scales", "g_idx"):
+                out_name = f"{prefix}.{suffix}"
+                jobs.append(TensorJob(outputs[out_name], state_files.producer(out_name, group), group,
+                                      source=f"gptq {name}"))
+        elif name in outputs:  # the bias of a quantized linear, stored in float16 as GPTQModel does
+            jobs.append(TensorJob(outputs[name], state_files.producer(name, group), group,
+                                  source=f"{name} (float16)"))
+        else:
+            info = reader.info(name)
+            jobs.append(TensorJob(TensorSpec(name, info.shape, info.dtype), _copy(reader, name), group,
+                                  source=f"copy {dtype_name(info.dtype)}"))
+
+    qc = quantize_config(o)
+    config = {**model.config, "quantization_config": qc}
+    plan = GPTQPlan(
+        title=f"gptq {model.path.name} -> {Path(out).name}",
+        out=Path(out),
+        jobs=jobs,
+        max_shard_size=parse_size(o.max_shard_size),
+        provenance=Provenance("gptq", asdict(o), [model.path],
+                              extra={"calibration": calibration.fingerprint()}),
+        json_files={"config.json": config, "quantize_config.json": qc},
+        copy_files=[model.path / n for n in SIDE_FILES if (model.path / n).exists()] + model.tokenizer_files(),
+        readers=[reader, state_files],
+        model=model,
+        options=o,
+        calibration=calibration,
+        num_layers=num_layers,
+        layer_bytes=layer_bytes,
+        act_dtype=act_dtype,
+        quantized=quantized,
+    )
+    plan.peak_estimate = _memory_estimate(model, arch, o, act_dtype, layer_bytes)
+    plan.notes.append(f"activations kept in {dtype_name(act_dtype)}, layers computed in float32 on {o.device}")
+    plan.notes.append(f"resume state (kept until the artifact is complete): {state_files.path}")
+    return plan
+
+
+def _copy(reader, name: str):
+    return lambda: reader.get(name)

@@ -1,0 +1,92 @@
+"""Executing a GPTQ plan: walk the decoder layers (resumably), then assemble the artifact.
+
+Phase 1 quantizes layer after layer into the resume state folder (state.py); phase 2 streams
+the plan's tensors (packed layers from the state, everything else from the source) through the
+shared pipeline writer into an atomic output directory, then removes the state.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ...console import info, progress
+from ...errors import UnsupportedError, XQuantError
+from ...io.output import atomic_dir, check_output_path
+from ...pipeline import write_jobs
+from .plan import GPTQPlan
+from .state import ResumeState
+from .walker import LayerWalker
+
+# Test hook: after layer k is committed to the resume state, raise as if the process had died,
+# so tests (and anyone checking a deployment) can exercise --resume without killing a process.
+CRASH_ENV = "XQUANT_GPTQ_CRASH_AFTER_LAYER"
+
+
+class SimulatedCrash(XQuantError):
+    """Raised by the CRASH_ENV test hook."""
+
+    exit_code = 75
+
+
+@dataclass
+class GPTQResult:
+    out: Path
+    engine: str
+    seconds: float
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    resumed_at: int | None = None  # first layer computed by this run when it continued a state
+
+
+def run_gptq(plan: GPTQPlan, force: bool = False, resume: bool = False) -> GPTQResult:
+    """Quantize and write the artifact described by `plan`."""
+    if plan.options.engine == "optimum":
+        if resume:
+            raise UnsupportedError("--resume: the optimum engine quantizes the whole model in memory and cannot resume")
+        from .optimum_engine import run_optimum
+
+        return run_optimum(plan, force)
+    check_output_path(plan.out, [plan.model.path], force)
+    t0 = time.perf_counter()
+    state = ResumeState.start(plan.out, plan.fingerprint(), plan.num_layers, resume, force)
+    start = state.next_layer
+    if start and start <= plan.num_layers:
+        info(f"resuming {state.path.name}: layers 0-{start - 1} already quantized")
+    _walk(plan, state)
+    plan.provenance.extra["gptq"] = {"engine": "xquant", "resumed_at_layer": start or None,
+                                     "layers": state.stats}
+    with atomic_dir(plan.out, plan.provenance, force=force) as art:
+        write_jobs(art.path, plan, art.hashes)
+    state.remove()
+    return GPTQResult(plan.out.resolve(), "xquant", round(time.perf_counter() - t0, 2), state.stats,
+                      start or None)
+
+
+def _walk(plan: GPTQPlan, state: ResumeState) -> None:
+    """Quantize the layers the state has not finished yet, committing each one."""
+    o = plan.options
+    if state.next_layer >= plan.num_layers:
+        return
+    reader = plan.model.tensors
+    walker = LayerWalker(plan.model.config, plan.model.arch, reader, o.spec(), o.true_sequential, o.device,
+                         plan.act_dtype)
+    if state.has_inputs():
+        inputs = state.load_inputs()
+    else:
+        inputs = walker.embed(plan.calibration.windows)
+        state.save_inputs(0, inputs)
+    crash_after = os.environ.get(CRASH_ENV)
+    with progress(f"gptq {o.bits}-bit", total=plan.num_layers - state.next_layer) as advance:
+        for i in range(state.next_layer, plan.num_layers):
+            result = walker.run_layer(i, inputs)
+            state.commit_layer(i, result.tensors, result.outputs, result.stats)
+            inputs = result.outputs
+            del result
+            reader.release()
+            advance(1, description=f"gptq layer {i + 1}/{plan.num_layers}")
+            if crash_after is not None and crash_after.strip() == str(i):
+                raise SimulatedCrash(f"simulated crash after layer {i} ({CRASH_ENV}); "
+                                     f"the state in {state.path} lets --resume continue")
