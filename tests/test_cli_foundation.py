@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 
 from conftest import assert_one_line_error, run_cli

@@ -59,7 +59,7 @@ def test_interrupted_run_resumes_to_the_same_files(tiny_model, tmp_path):
     proc.send_signal(signal.SIGKILL)  # a crash in the middle of the nf4 step, no clean-up
     proc.wait()
     assert (cut / "int8").exists() and not (cut / "model-q8_0.gguf").exists()
-    second = run_cli("run", recipe, "--workdir", cut, check=True)
+    run_cli("run", recipe, "--workdir", cut, check=True)
     assert _artifact_files(cut) == _artifact_files(whole)
     plan = json.loads(run_cli("run", recipe, "--workdir", cut, "--dry-run", "--json", check=True).stdout)
     assert all(s["status"] == "done" for s in plan["steps"])

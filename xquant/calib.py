@@ -17,6 +17,7 @@ from .errors import CorruptFileError, InputError
 from .paths import data_dir
 
 BUNDLED = ("zh", "en", "code")
+DATASET_PREFIX = "hf:"
 SPLITS = ("calib", "eval")
 
 
@@ -68,6 +69,8 @@ def load_set(spec: str, split: str = "calib") -> TextSet:
     if spec == "mixed":
         docs = [d for name in BUNDLED for d in _bundled(name, split)]
         return TextSet(f"mixed.{split}", tuple(docs))
+    if spec.startswith(DATASET_PREFIX):
+        return _dataset(spec[len(DATASET_PREFIX):])
     path = Path(spec).expanduser()
     if not path.exists():
         raise InputError(f"{spec}: neither a bundled set ({', '.join(bundled_names())}) nor an existing file")
@@ -107,3 +110,38 @@ def sample_windows(token_ids: list[int], n: int, seq_len: int, seed: int, source
     else:
         starts = [rng.randrange(0, len(token_ids) - seq_len + 1) for _ in range(n)]
     return [token_ids[s: s + seq_len] for s in starts]
+
+
+def _dataset(ref: str) -> TextSet:
+    """A `datasets` dataset: 'hf:NAME[@SPLIT][#COLUMN]' (hub name, local script, or a directory
+    written by `Dataset.save_to_disk`). Hub names need the network; the split defaults to 'train'
+    and the column to 'text'."""
+    try:
+        import datasets
+    except ImportError:
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError("datasets", "calibration from a dataset") from None
+    column = "text"
+    if "#" in ref:
+        ref, column = ref.rsplit("#", 1)
+    split = "train"
+    if "@" in ref:
+        ref, split = ref.rsplit("@", 1)
+    try:
+        if Path(ref).is_dir() and (Path(ref) / "dataset_info.json").exists():
+            ds = datasets.load_from_disk(ref)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(ref, split=split)
+    except (OSError, ValueError, KeyError, ConnectionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{DATASET_PREFIX}{ref}: cannot load the dataset ({first})") from None
+    if column not in ds.column_names:
+        raise InputError(f"{DATASET_PREFIX}{ref}: no column '{column}' (columns: {', '.join(ds.column_names)}); "
+                         f"name one with #COLUMN")
+    docs = tuple(t for t in ds[column] if isinstance(t, str) and t.strip())
+    if not docs:
+        raise InputError(f"{DATASET_PREFIX}{ref}: column '{column}' holds no text")
+    return TextSet(f"{ref}@{split}#{column}", docs)

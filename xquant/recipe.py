@@ -43,7 +43,7 @@ from typing import Any, Callable
 from .console import info
 from .errors import CorruptFileError, InputError, UnsupportedError
 from .io.dtypes import human_bytes
-from .io.output import MANIFEST_NAME, read_manifest
+from .io.output import read_manifest
 
 STEP_FILE = ".xquant-step-{name}.json"
 

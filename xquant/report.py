@@ -143,7 +143,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     ref = next(r for r in report["artifacts"] if r["role"] == "reference")
     head = ["artifact", "format", "runtime", "size", "bits/weight", "memory",
             *(f"ppl {s}" for s in sets), "KL", "top-1", *(f"MC {m}" for m in mcs), "tokens/s"]
-    lines = [f"# xquant report\n", f"Reference: `{report['reference']}` ({report['parameters']:,} parameters)\n",
+    lines = ["# xquant report\n", f"Reference: `{report['reference']}` ({report['parameters']:,} parameters)\n",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["artifacts"]:
         if "error" in r:

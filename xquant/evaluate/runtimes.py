@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import InputError, MissingDependencyError, UnsupportedError
+from ..errors import MissingDependencyError, UnsupportedError
 
 _RUNTIMES: dict[str, type["Runtime"]] = {}
 
@@ -29,17 +29,15 @@ def register(kind: str) -> Callable[[type["Runtime"]], type["Runtime"]]:
 
 def detect_kind(path: Path) -> str:
     """'hf', 'int8', 'nf4', 'gptq' or 'gguf' for an artifact path."""
+    from ..model import detect
+
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or directory")
-    if path.is_file():
-        with open(path, "rb") as f:
-            if f.read(4) == b"GGUF":
-                return "gguf"
-        raise InputError(f"{path}: not a model directory or GGUF file")
+    kind = detect(path)
+    if kind == "gguf":
+        return "gguf"
+    if kind == "meta":
+        raise UnsupportedError(f"{path}: a Meta original checkpoint has no runtime; `xquant convert` it first")
     config_path = path / "config.json"
-    if not config_path.exists():
-        raise InputError(f"{path}: not a model directory (no config.json)")
     q = json.loads(config_path.read_text()).get("quantization_config") or {}
     method = q.get("quant_method")
     if method is None:

@@ -128,6 +128,21 @@ class ArtifactDir:
 
 
 @contextlib.contextmanager
+def _removed_on_failure(tmp: Path, target: Path) -> Iterator[None]:
+    """Any failure removes the temporary output; a full disk becomes a DiskFullError naming it."""
+    try:
+        yield
+    except OSError as e:
+        _remove(tmp)
+        if e.errno in (28, 122):  # ENOSPC, EDQUOT
+            raise DiskFullError(f"{target}: disk full while writing ({e.strerror})") from None
+        raise
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_dir(target: Path, prov: Provenance, force: bool = False) -> Iterator[ArtifactDir]:
     """Build a directory artifact in a temp sibling; manifest + rename on success, cleanup on error."""
     target = check_output_path(target, prov.inputs, force)
@@ -135,20 +150,12 @@ def atomic_dir(target: Path, prov: Provenance, force: bool = False) -> Iterator[
     _remove(tmp)  # a leftover from a crashed run: ours by name
     tmp.mkdir()
     art = ArtifactDir(tmp)
-    try:
+    with _removed_on_failure(tmp, target):
         yield art
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = build_manifest(prov, files, tmp, art.hashes)
         _write_json(tmp / MANIFEST_NAME, manifest)
         _replace(tmp, target)
-    except OSError as e:
-        _remove(tmp)
-        if e.errno in (28, 122):
-            raise DiskFullError(f"{target}: disk full while writing ({e.strerror})") from None
-        raise
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 @contextlib.contextmanager
@@ -158,7 +165,7 @@ def atomic_file(target: Path, prov: Provenance, force: bool = False) -> Iterator
     tmp = temp_path_for(target)
     sidecar = target.parent / f"{target.name}.{MANIFEST_NAME}"
     _remove(tmp)
-    try:
+    with _removed_on_failure(tmp, target):
         yield tmp
         manifest = build_manifest(prov, [tmp], tmp.parent)
         manifest["outputs"][0]["path"] = target.name
@@ -166,14 +173,6 @@ def atomic_file(target: Path, prov: Provenance, force: bool = False) -> Iterator
         _write_json(side_tmp, manifest)
         _replace(tmp, target)
         os.replace(side_tmp, sidecar)
-    except OSError as e:
-        _remove(tmp)
-        if e.errno in (28, 122):
-            raise DiskFullError(f"{target}: disk full while writing ({e.strerror})") from None
-        raise
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 def _write_json(path: Path, obj: Any) -> None:
