@@ -5,6 +5,7 @@ the metadata keys, the vocabulary, the shard layout and a memory estimate. `--dr
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,8 +179,8 @@ def check_required(arch: Architecture, config: dict[str, Any], gguf_arch: str, s
     for key, want in arch.extra.get("gguf", {}).get("require", {}).items():
         got = config.get(key, want)
         if got != want:
-            raise UnsupportedError(f"{source}: {key} = {got!r} is not supported by llama.cpp's {gguf_arch} "
-                                   f"architecture (it requires {want!r})")
+            raise UnsupportedError(f"{source}: {key} = {json.dumps(got)} is not supported by llama.cpp's "
+                                   f"{gguf_arch} architecture (it requires {json.dumps(want)})")
 
 
 def tensor_type(stage: OutType, shape: tuple[int, ...]) -> tuple[Q, str]:

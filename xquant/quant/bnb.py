@@ -328,6 +328,9 @@ def _build(model: HFModel, out: Path, command: str, quantized: list[str], kept: 
              *notes]
     if dropped:
         notes.append(f"dropped {len(dropped)} non-persistent buffers ({DROPPED_SUFFIXES[0]})")
+    if arch.extra.get("experts"):  # mixture of experts: see converters/<arch>.toml, [quant] and [experts]
+        notes.append(f"routed experts and router kept in {dtype_name(dtype)}: transformers holds them as "
+                     f"parameters, not nn.Linear, so bitsandbytes does not quantize them")
     return Plan(
         title=f"{command} {src.name} -> {Path(out).name}",
         out=Path(out),
