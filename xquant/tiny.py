@@ -231,6 +231,15 @@ def train(model, ids: list[int], spec: TinySpec, steps: int, lr: float, seed: in
     return loss_value
 
 
+def save_fixture(model, out: Path, tok_dir: Path, record: dict) -> None:
+    """A trained fixture as a release ships it: weights, config, tokenizer, and how it was made."""
+    model.generation_config.do_sample = False
+    model.save_pretrained(out)
+    for f in tok_dir.iterdir():
+        shutil.copy2(f, out / f.name)
+    (out / "xquant-tiny.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
 def model_dir(spec: TinySpec = SPEC) -> Path:
     """The tiny trained LlamaForCausalLM (fp32 safetensors + tokenizer), built once (≈1–2 min)."""
     tok_dir = tokenizer_dir(spec)
@@ -247,13 +256,8 @@ def model_dir(spec: TinySpec = SPEC) -> Path:
         info(f"training the tiny model: {sum(p.numel() for p in model.parameters()):,} parameters, "
              f"{len(ids):,} tokens, {spec.steps} steps")
         loss = train(model, ids, spec, spec.steps, spec.lr, spec.seed)
-        model.generation_config.do_sample = False
-        model.save_pretrained(tmp)
-        for f in tok_dir.iterdir():
-            shutil.copy2(f, tmp / f.name)
-        (tmp / "xquant-tiny.json").write_text(json.dumps(
-            {"spec": asdict(spec), "final_train_loss": loss, "train_seconds": round(time.time() - t0, 1)},
-            indent=2) + "\n")
+        save_fixture(model, tmp, tok_dir, {"spec": asdict(spec), "final_train_loss": loss,
+                                           "train_seconds": round(time.time() - t0, 1)})
 
     return _cached("llama", cache_key(spec, "model"), build)
 

@@ -12,7 +12,6 @@ On disk transformers 5 writes each routed expert as its own Linear weights
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -71,13 +70,8 @@ def _build(tmp: Path, spec: MoESpec) -> None:
     info(f"training the tiny MoE: {sum(p.numel() for p in model.parameters()):,} parameters, "
          f"{spec.experts} experts (top-{spec.experts_used}) + 1 shared, {spec.steps} steps")
     loss = tiny.train(model, ids, replace(tiny.SPEC, batch=spec.batch), spec.steps, spec.lr, tiny.SPEC.seed)
-    model.generation_config.do_sample = False
-    model.save_pretrained(tmp)
-    for f in tok_dir.iterdir():
-        shutil.copy2(f, tmp / f.name)
-    (tmp / "xquant-tiny.json").write_text(json.dumps(
-        {"spec": asdict(spec), "final_train_loss": loss, "train_seconds": round(time.time() - t0, 1)},
-        indent=2) + "\n")
+    tiny.save_fixture(model, tmp, tok_dir, {"spec": asdict(spec), "final_train_loss": loss,
+                                            "train_seconds": round(time.time() - t0, 1)})
 
 
 def moe_dir(spec: MoESpec = MOE) -> Path:

@@ -235,20 +235,28 @@ def bpe_pre_name(tokenizer_json: dict[str, Any], source: Path) -> str:
                            f"equivalent known to xquant (known: {', '.join(sorted(set(BPE_PRE_TOKENIZERS.values())))})")
 
 
-@loader("bpe")
-def bpe_vocab(model_dir: Path, n_vocab: int, config: dict[str, Any]) -> Vocab:
-    """A byte-level BPE tokenizer.json (GPT-2 style): tokens by id, merges, pre-tokenizer type."""
+def read_bpe_json(model_dir: Path, n_vocab: int, what: str
+                  ) -> tuple[Path, dict[str, Any], dict[str, int], dict[int, tuple[str, bool]]]:
+    """tokenizer.json of a BPE model: (path, the JSON, base vocab, added tokens), the vocabulary
+    checked to fit in n_vocab rows."""
     path = model_dir / "tokenizer.json"
     tj = _read_json(path)
     model = tj.get("model") or {}
     base: dict[str, int] = model.get("vocab") or {}
     if model.get("type") != "BPE" or not base:
-        raise UnsupportedError(f"{path}: not a byte-level BPE tokenizer (model type {model.get('type')})")
-    pre = bpe_pre_name(tj, path)
+        raise UnsupportedError(f"{path}: not {what} (model type {model.get('type')})")
     extra = added_tokens(model_dir)
     needed = max([*base.values(), *extra]) + 1
     if needed > n_vocab:
         raise _too_small(model_dir, n_vocab, needed, path.name)
+    return path, tj, base, extra
+
+
+@loader("bpe")
+def bpe_vocab(model_dir: Path, n_vocab: int, config: dict[str, Any]) -> Vocab:
+    """A byte-level BPE tokenizer.json (GPT-2 style): tokens by id, merges, pre-tokenizer type."""
+    path, tj, base, extra = read_bpe_json(model_dir, n_vocab, "a byte-level BPE tokenizer")
+    pre = bpe_pre_name(tj, path)
     tokens = [f"[PAD{i}]".encode() for i in range(n_vocab)]
     types = [UNUSED] * n_vocab
     for text, tid in base.items():

@@ -23,8 +23,7 @@ from typing import Any
 import gguf
 
 from ..errors import UnsupportedError
-from .vocab import (BYTE, CONTROL, NORMAL, UNUSED, USER_DEFINED, Vocab, _looks_special, _read_json, _too_small,
-                    added_tokens, loader)
+from .vocab import BYTE, CONTROL, NORMAL, UNUSED, USER_DEFINED, Vocab, _looks_special, loader, read_bpe_json
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
@@ -61,16 +60,8 @@ def space_prefix(tokenizer_json: dict[str, Any]) -> bool:
 @loader("sentencepiece-json")
 def sentencepiece_json_vocab(model_dir: Path, n_vocab: int, config: dict[str, Any]) -> Vocab:
     """A SentencePiece-style BPE tokenizer.json (XVERSE): tokens, types, merge-order scores."""
-    path = model_dir / "tokenizer.json"
-    tj = _read_json(path)
-    model = tj.get("model") or {}
-    base: dict[str, int] = model.get("vocab") or {}
-    if model.get("type") != "BPE" or not base:
-        raise UnsupportedError(f"{path}: not a SentencePiece-style BPE tokenizer (model type {model.get('type')})")
-    extra = added_tokens(model_dir)
-    needed = max([*base.values(), *extra]) + 1
-    if needed > n_vocab:
-        raise _too_small(model_dir, n_vocab, needed, path.name)
+    path, tj, base, extra = read_bpe_json(model_dir, n_vocab, "a SentencePiece-style BPE tokenizer")
+    model = tj["model"]
     tokens = [f"[PAD{i}]".encode() for i in range(n_vocab)]
     types = [UNUSED] * n_vocab
     scores = [-10000.0] * n_vocab
