@@ -79,7 +79,11 @@ class Run:
 
 
 def measure(cmd: list[str], env: dict | None = None) -> Run:
-    """Wall time and peak resident memory of a child process."""
+    """Wall time and peak resident memory of a child process.
+
+    ru_maxrss from wait4 is at least the parent's resident size when it forked (Linux carries it
+    across exec); this parent stays below the children's own import of torch, so the figure is
+    the child's own peak."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, "XQUANT_QUIET": "1", **(env or {})})
     _, status, usage = os.wait4(proc.pid, 0)

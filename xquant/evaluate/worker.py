@@ -21,6 +21,19 @@ def _ids_digest(ids: list[int]) -> str:
     return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
 
 
+def _peak_rss() -> int:
+    """This process's own peak resident memory (VmHWM). Not ru_maxrss: Linux carries that over
+    from the parent across fork and exec, so a worker started by a large process would report
+    the parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def evaluate(job: dict) -> dict:
     import torch
 
@@ -71,7 +84,7 @@ def evaluate(job: dict) -> dict:
         acc["seconds"] = time.perf_counter() - t1
         result["mc"][Path(path).stem] = acc
     rt.close()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss()
     result["memory_bytes"] = max(0, peak - before)
     result["peak_rss_bytes"] = peak
     return result
