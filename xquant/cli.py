@@ -184,15 +184,6 @@ _SkipBaseOpt = Annotated[bool, typer.Option(
     "--skip-base-check", help="Skip the config-identity and content checks of the base (shapes are still checked).")]
 
 
-def _run_delta_plan(plan, dry_run: bool, as_json: bool, force: bool) -> None:
-    """_run_plan with the delta executor (expected hashes are checked before the output appears)."""
-    from .delta import execute
-
-    if dry_run:
-        return _run_plan(plan, dry_run, as_json, force)
-    console.print(f"[green]wrote[/] {execute(plan, force=force)}")
-
-
 @app.command("apply-delta")
 def apply_delta(
     base: Annotated[Path, typer.Option("--base", help="The base model (HF directory), e.g. LLaMA-13B.")],
@@ -212,8 +203,8 @@ def apply_delta(
     """Rebuild a model from its base and a published delta (Vicuna, Ziya), one tensor at a time."""
     from .delta import plan_apply_delta
 
-    _run_delta_plan(plan_apply_delta(base, delta, out, dtype, style, expect_sha256, max_shard_size, skip_base_check),
-                    dry_run, as_json, force)
+    _run_plan(plan_apply_delta(base, delta, out, dtype, style, expect_sha256, max_shard_size, skip_base_check),
+              dry_run, as_json, force)
 
 
 @app.command("make-delta")
@@ -234,8 +225,8 @@ def make_delta(
     """Publish a fine-tuned model as target - base (FastChat or Ziya style), one tensor at a time."""
     from .delta import plan_make_delta
 
-    _run_delta_plan(plan_make_delta(base, target, out, style, dtype, max_shard_size, skip_base_check),
-                    dry_run, as_json, force)
+    _run_plan(plan_make_delta(base, target, out, style, dtype, max_shard_size, skip_base_check),
+              dry_run, as_json, force)
 
 
 @app.command()

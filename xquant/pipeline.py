@@ -8,6 +8,7 @@ output directory, releasing reader mappings between layers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -79,11 +80,25 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         return {"title": self.title, "summary": self.summary(), "tensors": self.rows()}
 
+    # Hooks for plans that need more than writing tensors (the delta plans use all three).
+    def running(self) -> contextlib.AbstractContextManager:
+        """A context held while the tensors are produced (e.g. a thread setting)."""
+        return contextlib.nullcontext()
+
+    def check_written(self, directory: Path, hashes: dict[str, str]) -> None:
+        """Called inside the temporary output before it is renamed into place: raising here
+        leaves nothing behind."""
+
+    def finished(self) -> None:
+        """Called once the output is in place (messages about the result)."""
+
 
 def execute(plan: Plan, force: bool = False) -> Path:
     """Stream every job through the writer into an atomic output directory; returns the path."""
-    with atomic_dir(plan.out, plan.provenance, force=force) as art:
+    with atomic_dir(plan.out, plan.provenance, force=force) as art, plan.running():
         write_jobs(art.path, plan, art.hashes)
+        plan.check_written(art.path, art.hashes)
+    plan.finished()
     return plan.out.resolve()
 
 

@@ -8,7 +8,8 @@ the right one (checks.py).
 
 from .apply import plan_apply_delta
 from .make import plan_make_delta
-from .run import DeltaPlan, execute, read_expected
+from ..pipeline import execute  # delta plans run like every plan (hooks on DeltaPlan)
+from .run import DeltaPlan, read_expected
 from .styles import DEFAULT_STYLE, STYLES, get_style
 
 __all__ = ["plan_apply_delta", "plan_make_delta", "execute", "read_expected", "DeltaPlan", "STYLES",

@@ -1,9 +1,9 @@
 """The delta plans and their execution, with `--expect-sha256` checked before the output appears.
 
 `DeltaPlan` is a `pipeline.Plan` with two additions: the sha256 values the result must have
-(checked inside the atomic output directory, so a mismatch leaves nothing behind) and an exact
-memory estimate (inputs + output of the largest tensor + the float32 chunk). `execute` is
-`pipeline.execute` plus that check.
+(checked through the plan's `check_written` hook, inside the atomic output directory, so a
+mismatch leaves nothing behind) and an exact memory estimate (inputs + output of the largest
+tensor + the float32 chunk). It runs through `pipeline.execute` like every other plan.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 from ..console import info
 from ..errors import InputError
 from ..io.hashing import sha256_file
-from ..io.output import MANIFEST_NAME, atomic_dir
+from ..io.output import MANIFEST_NAME
 from ..io.writer import INDEX_NAME, assign_shards
-from ..pipeline import BASE_MEMORY, Plan, write_jobs
+from ..pipeline import BASE_MEMORY, Plan
 from .arith import CHUNK_ELEMENTS, one_thread
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -36,6 +36,26 @@ class DeltaPlan(Plan):
 
     def peak_memory_estimate(self) -> int:
         return int(BASE_MEMORY + self.inflight_bytes + 3 * 4 * CHUNK_ELEMENTS)
+
+    def running(self):
+        return one_thread()
+
+    def check_written(self, directory: Path, hashes: dict[str, str]) -> None:
+        if self.expected:
+            verify_written(directory, hashes, self.expected, self.expected_source)
+
+    def finished(self) -> None:
+        if self.expected:
+            info(f"sha256 of {len(self.expected)} file(s) match {self.expected_source}")
+        if self.record is not None:
+            trip = self.record["round_trip"]
+            if trip["exact"]:
+                zeros = trip.get("signed_zero_elements", 0)
+                info(f"round trip: base + delta reproduces all {trip['elements']:,} target values"
+                     + (f" ({zeros} negative zeros come back as +0.0)" if zeros else " bit for bit"))
+            else:
+                info(f"round trip: {trip['inexact_elements']:,} of {trip['elements']:,} target values are not "
+                     f"reproduced bit for bit (largest error {trip['max_abs_error']:.3g}; see {self.out}/xquant-delta.json)")
 
 
 def read_expected(path: Path) -> dict[str, str]:
@@ -108,25 +128,3 @@ def verify_written(directory: Path, known: dict[str, str], expected: dict[str, s
         if got != want:
             raise InputError(f"{name}: sha256 {got[:16]}… of the result differs from {want[:16]}… listed in "
                              f"{source}; nothing was written")
-
-
-def execute(plan: Plan, force: bool = False) -> Path:
-    """Like pipeline.execute, checking expected hashes before the output is renamed into place."""
-    expected = getattr(plan, "expected", None)
-    with atomic_dir(plan.out, plan.provenance, force=force) as art, one_thread():
-        write_jobs(art.path, plan, art.hashes)
-        if expected:
-            verify_written(art.path, art.hashes, expected, plan.expected_source)
-    if expected:
-        info(f"sha256 of {len(expected)} file(s) match {plan.expected_source}")
-    record = getattr(plan, "record", None)
-    if record is not None:
-        trip = record["round_trip"]
-        if trip["exact"]:
-            zeros = trip.get("signed_zero_elements", 0)
-            info(f"round trip: base + delta reproduces all {trip['elements']:,} target values"
-                 + (f" ({zeros} negative zeros come back as +0.0)" if zeros else " bit for bit"))
-        else:
-            info(f"round trip: {trip['inexact_elements']:,} of {trip['elements']:,} target values are not "
-                 f"reproduced bit for bit (largest error {trip['max_abs_error']:.3g}; see {plan.out}/xquant-delta.json)")
-    return plan.out.resolve()
