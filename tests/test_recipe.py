@@ -21,12 +21,20 @@ dtype = "float16"
 kind = "int8"
 
 [[artifact]]
+kind = "gptq"
+bits = 4
+group_size = 128
+samples = 8
+seq_len = 128
+
+[[artifact]]
 kind = "nf4"
 
 [[artifact]]
 kind = "gguf"
 outtype = "q8_0"
 """
+STEPS = ["hf", "int8", "gptq-4bit-g128", "nf4", "model-q8_0.gguf"]
 
 
 def _artifact_files(workdir: Path) -> dict[str, bytes]:
@@ -35,34 +43,57 @@ def _artifact_files(workdir: Path) -> dict[str, bytes]:
             if p.is_file() and "manifest" not in p.name and not p.name.startswith(".xquant-step")}
 
 
+def _statuses(recipe: Path, workdir: Path) -> dict[str, str]:
+    plan = json.loads(run_cli("run", recipe, "--workdir", workdir, "--dry-run", "--json", check=True).stdout)
+    return {s["step"]: s["status"] for s in plan["steps"]}
+
+
 def test_dry_run_lists_steps(tiny_model, tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text(RECIPE.format(src=tiny_model))
     plan = json.loads(run_cli("run", recipe, "--workdir", tmp_path / "w", "--dry-run", "--json", check=True).stdout)
-    assert [s["step"] for s in plan["steps"]] == ["hf", "int8", "nf4", "model-q8_0.gguf"]
+    assert [s["step"] for s in plan["steps"]] == STEPS
     assert all(s["status"] == "to do" for s in plan["steps"]) and not (tmp_path / "w").exists()
 
 
 def test_interrupted_run_resumes_to_the_same_files(tiny_model, tmp_path):
+    """SIGKILL while GPTQ is quantizing (its first layer committed to the resume state, the rest
+    not), then the same command again: the chain continues and ends with the very bytes of an
+    uninterrupted run; in between, nothing unfinished looks like a finished artifact."""
+    from xquant.quant.gptq.state import state_dir_for
+
     recipe = tmp_path / "r.toml"
     recipe.write_text(RECIPE.format(src=tiny_model))
     whole = tmp_path / "whole"
     run_cli("run", recipe, "--workdir", whole, check=True)
 
     cut = tmp_path / "cut"
+    gptq_out = cut / "gptq-4bit-g128"
+    first_layer = state_dir_for(gptq_out) / "layer-00000.safetensors"  # renamed into place when complete
     env = {**os.environ, "XQUANT_QUIET": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "xquant.cli", "run", str(recipe), "--workdir", str(cut)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not (cut / ".xquant-step-int8.json").exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # a crash in the middle of the nf4 step, no clean-up
+    while time.time() < deadline and proc.poll() is None and not first_layer.exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # a crash inside the GPTQ step, no clean-up
     proc.wait()
-    assert (cut / "int8").exists() and not (cut / "model-q8_0.gguf").exists()
+    assert first_layer.exists(), "the run ended or timed out before GPTQ committed its first layer"
+    assert not gptq_out.exists() and not (cut / ".xquant-step-gptq-4bit-g128.json").exists()
+    finished = sorted(p.name for p in cut.iterdir() if not p.name.startswith("."))
+    assert finished == ["hf-float16", "int8"], finished  # only whole artifacts under real names
+    assert all((cut / name / "xquant-manifest.json").exists() for name in finished)
+    assert _statuses(recipe, cut) == {"hf": "done", "int8": "done", "gptq-4bit-g128": "to do",
+                                      "nf4": "to do", "model-q8_0.gguf": "to do"}
+
     run_cli("run", recipe, "--workdir", cut, check=True)
     assert _artifact_files(cut) == _artifact_files(whole)
-    plan = json.loads(run_cli("run", recipe, "--workdir", cut, "--dry-run", "--json", check=True).stdout)
-    assert all(s["status"] == "done" for s in plan["steps"])
+    resumed = json.loads((gptq_out / "xquant-manifest.json").read_text())["gptq"]["resumed_at_layer"]
+    # killed before layer 0's state record: layer 0 redone from the saved inputs (None); after: continued
+    assert resumed is None or 1 <= resumed < 4, resumed
+    leftovers = [p.name for p in cut.iterdir() if p.name.startswith(".") and not p.name.startswith(".xquant-step")]
+    assert not leftovers, leftovers
+    assert set(_statuses(recipe, cut).values()) == {"done"}
 
 
 def test_bad_recipes(tmp_path):

@@ -91,9 +91,29 @@ def inspect_gguf(path: Path, tensors: bool = False) -> dict[str, Any]:
     imatrix = {k.removeprefix("quantize.imatrix."): get(k) for k in fields if k.startswith("quantize.imatrix.")}
     if imatrix:
         info["imatrix"] = imatrix
+    if get("general.type") == "imatrix":  # not a model: no architecture, no vocabulary
+        info["architecture"] = "- (llama.cpp importance matrix)"
+        info.pop("vocabulary")
+        info["importance_matrix"] = _imatrix_summary(reader, get)
     info["metadata_keys"] = ", ".join(k for k in fields if k not in _TOKEN_ARRAYS)
     info["size_on_disk"] = Path(path).stat().st_size
     if tensors:
         info["tensors"] = [{"name": t.name, "shape": [int(d) for d in t.shape], "dtype": t.tensor_type.name,
                             "bytes": int(t.n_bytes)} for t in reader.tensors]
     return info
+
+
+def _imatrix_summary(reader, get) -> dict[str, Any]:
+    """A llama.cpp imatrix file (`<weight>.in_sum2` / `<weight>.counts` per weight): its entries,
+    and for stacked routed experts (counts ne = [1, experts]) how many experts saw no token."""
+    import numpy as np
+
+    counts = {t.name.removesuffix(".counts"): t for t in reader.tensors if t.name.endswith(".counts")}
+    experts = {name: np.asarray(t.data).reshape(-1) for name, t in counts.items() if int(t.n_elements) > 1}
+    out: dict[str, Any] = {"entries": len(counts), "expert_entries": len(experts),
+                           "chunks": get("imatrix.chunk_count"), "chunk_size": get("imatrix.chunk_size"),
+                           "datasets": get("imatrix.datasets")}
+    if experts:
+        out["experts_per_entry"] = sorted({c.size for c in experts.values()})
+        out["expert_matrices_without_tokens"] = int(sum((c == 0).sum() for c in experts.values()))
+    return out

@@ -9,11 +9,23 @@ activation, so columns that carry large inputs are kept more precisely.
 File format: the GGUF imatrix format current llama.cpp writes by default and reads first (the
 quantizer still falls back to the legacy .dat stream): keys `general.type = "imatrix"`,
 `imatrix.datasets` (strings), `imatrix.chunk_count`, `imatrix.chunk_size` (u32); per weight two F32
-tensors, `<name>.in_sum2` (ne = [columns, 1]) and `<name>.counts` (ne = [1]).
+tensors, `<name>.in_sum2` (ne = [columns, matrices]) and `<name>.counts` (ne = [1, matrices]).
+A dense weight is one matrix. A stacked routed-experts weight (ffn_gate_exps / ffn_up_exps /
+ffn_down_exps) has one matrix per expert: the squared inputs of only the tokens the router sent
+to that expert, and that token count (llama-imatrix's MUL_MAT_ID collection). llama.cpp's
+quantizer takes columns x experts values, expert-major, and quantizes each expert with its own
+row; an expert that saw no token gets weight 1 for every column (as llama-quantize does).
+Newer llama-imatrix files also hold `<name>.in_sum` (plain sums, for its statistics); the
+quantizer does not use it, so it is ignored here.
 
 Computation: calibration text is tokenized and cut into chunks of `chunk_size` tokens starting
 with BOS (as llama-imatrix does); the chunks go through the reference model one decoder layer at a
 time (transformers' own layer classes, filled from the checkpoint), with a hook on every linear.
+Routed experts: transformers 5 holds a layer's experts fused in memory (`gate_up_proj` [experts,
+2 x ffn, hidden] = each expert's gate rows then up rows, `down_proj` [experts, hidden, ffn]); the
+per-expert checkpoint tensors are stacked into that layout, and a hook on the experts module sees
+the router's choice (top-k expert indices per token) with the hidden states, so each expert's
+gate/up inputs are exactly its routed tokens, and its down input is act(gate) * up of those.
 Memory: one layer in float32 plus the hidden states of all chunks, never the whole model.
 """
 
@@ -27,7 +39,7 @@ import gguf
 import numpy as np
 
 from ..console import info, progress
-from ..errors import CorruptFileError, InputError, ShapeError
+from ..errors import CorruptFileError, InputError, ShapeError, UnsupportedError
 
 if TYPE_CHECKING:
     from .plan import GGUFPlan
@@ -41,32 +53,47 @@ COUNT_SUFFIX = ".counts"
 
 @dataclass
 class Imatrix:
-    """name (GGUF weight) -> (sum of squared inputs per column, float64; number of rows summed)."""
+    """name (GGUF weight) -> (sums, count).
 
-    entries: dict[str, tuple[np.ndarray, int]]
+    A dense weight: the sum of squared inputs per column (float64, shape (columns,)) and the
+    number of rows (tokens) summed (int). Stacked routed experts: the sums per expert (shape
+    (experts, columns)) and the tokens routed to each expert (int64 array, shape (experts,))."""
+
+    entries: dict[str, tuple[np.ndarray, Any]]
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0
     source: str = ""  # where it came from: a file path, or "calibration:<set>"
 
     def values(self) -> dict[str, np.ndarray]:
-        """What the quantizer takes: mean squared activation per column (float32)."""
-        return {name: (sums / count if count else np.ones_like(sums)).astype(np.float32)
-                for name, (sums, count) in self.entries.items()}
+        """What the quantizer takes: mean squared activation per column (float32); for experts,
+        each expert's row in turn, 1 where an expert saw no token (llama-quantize's rule)."""
+        return {name: _mean_squares(sums, count) for name, (sums, count) in self.entries.items()}
+
+    def expert_entries(self) -> int:
+        return sum(1 for sums, _ in self.entries.values() if sums.ndim == 2)
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "datasets": self.datasets, "entries": len(self.entries),
                 "chunks": self.chunk_count, "chunk_size": self.chunk_size}
 
     def check(self, plan: "GGUFPlan") -> None:
-        """Every entry names a 2-D weight of the plan with as many columns as it has values."""
-        cols = {t.name: t.shape[-1] for t in plan.tensors if len(t.shape) == 2}
-        for name, (sums, _) in self.entries.items():
-            if name not in cols:
+        """Every entry names a weight of the plan (2-D, or 3-D stacked experts) with as many
+        columns, and for experts as many rows of values, as the weight has. An older file's single
+        count for all experts is broadcast to each expert, as llama.cpp does."""
+        shapes = {t.name: t.shape for t in plan.tensors if len(t.shape) in (2, 3)}
+        for name, (sums, count) in list(self.entries.items()):
+            if name not in shapes:
                 raise ShapeError(f"{self.source}: importance matrix entry '{name}' is not a weight of {plan.src.name}")
-            if sums.size != cols[name]:
-                raise ShapeError(f"{self.source}: importance matrix entry '{name}' has {sums.size} values, "
-                                 f"the weight has {cols[name]} columns")
+            shape = shapes[name]
+            want = (shape[0], shape[-1]) if len(shape) == 3 else (shape[-1],)
+            if len(shape) == 3 and sums.shape == (shape[0] * shape[-1],):
+                # one count for all experts (older llama-imatrix files): llama.cpp broadcasts it
+                sums = sums.reshape(want)
+                self.entries[name] = (sums, np.full(shape[0], int(count), dtype=np.int64))
+            if sums.shape != want:
+                raise ShapeError(f"{self.source}: importance matrix entry '{name}' holds {_describe(sums.shape)}, "
+                                 f"the weight needs {_describe(want)}")
         if not self.entries:
             raise InputError(f"{self.source}: the importance matrix is empty")
 
@@ -80,8 +107,9 @@ class Imatrix:
         writer.add_uint32(KEY_CHUNK_SIZE, self.chunk_size)
         for name in sorted(self.entries):
             sums, count = self.entries[name]
-            writer.add_tensor(name + SUM_SUFFIX, sums.astype(np.float32).reshape(1, -1))
-            writer.add_tensor(name + COUNT_SUFFIX, np.array([count], dtype=np.float32))
+            # numpy (matrices, columns) is ggml ne [columns, matrices], as llama-imatrix writes
+            writer.add_tensor(name + SUM_SUFFIX, np.atleast_2d(sums).astype(np.float32))
+            writer.add_tensor(name + COUNT_SUFFIX, np.asarray(count, dtype=np.float32).reshape(-1, 1))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -107,12 +135,9 @@ class Imatrix:
             if not name.endswith(SUM_SUFFIX):
                 continue
             base = name[: -len(SUM_SUFFIX)]
-            counts = tensors.get(base + COUNT_SUFFIX)
-            if counts is None:
+            if base + COUNT_SUFFIX not in tensors:
                 raise CorruptFileError(f"{path}: '{name}' has no matching '{base}{COUNT_SUFFIX}'")
-            if counts.n_elements != 1:
-                raise CorruptFileError(f"{path}: '{base}' holds {counts.n_elements} experts; xquant reads dense models")
-            entries[base] = (np.array(t.data, dtype=np.float64).reshape(-1), int(np.asarray(counts.data).reshape(-1)[0]))
+            entries[base] = _read_entry(path, base, t, tensors[base + COUNT_SUFFIX])
 
         def scalar(key: str) -> int:
             f = reader.get_field(key)
@@ -121,6 +146,32 @@ class Imatrix:
         ds = reader.get_field(KEY_DATASETS)
         return cls(entries, list(ds.contents()) if ds is not None else [], scalar(KEY_CHUNK_COUNT),
                    scalar(KEY_CHUNK_SIZE), str(path))
+
+
+def _mean_squares(sums: np.ndarray, count: Any) -> np.ndarray:
+    """sums / count in float32 from float32 sums, as llama-quantize computes it from the file, so a
+    matrix handed over in memory and the same matrix read from its saved file quantize alike."""
+    sums = np.atleast_2d(sums.astype(np.float32))
+    counts = np.asarray(count, dtype=np.float32).reshape(-1, 1)
+    return np.where(counts > 0, sums / np.maximum(counts, np.float32(1)), np.float32(1)).reshape(-1)
+
+
+def _describe(shape: tuple[int, ...]) -> str:
+    return f"{shape[0]} values" if len(shape) == 1 else f"{shape[1]} values for each of {shape[0]} experts"
+
+
+def _read_entry(path: Path, base: str, sums_t, counts_t) -> tuple[np.ndarray, Any]:
+    """One entry from its in_sum2 / counts tensors: dense (one matrix) or one row per expert."""
+    n = int(counts_t.n_elements)
+    sums = np.array(sums_t.data, dtype=np.float64).reshape(-1)
+    counts = np.array(counts_t.data, dtype=np.float64).reshape(-1)
+    if n < 1 or sums.size == 0 or sums.size % n:
+        raise CorruptFileError(f"{path}: '{base}' has {sums.size} sums for {n} counts")
+    if not (np.isfinite(counts).all() and (counts >= 0).all() and np.isfinite(sums).all()):
+        raise CorruptFileError(f"{path}: '{base}' holds non-finite or negative values")
+    if n == 1:
+        return sums, int(round(counts[0]))
+    return sums.reshape(n, -1), np.rint(counts).astype(np.int64)
 
 
 def calibration_chunks(tokenizer, set_name: str, chunk_size: int, n_chunks: int) -> list[list[int]]:
@@ -144,9 +195,61 @@ def _causal_mask(n: int):
     return torch.full((n, n), float("-inf")).triu(1)[None, None]
 
 
+# transformers 5 holds routed experts fused in memory: parameter -> the checkpoint roles it
+# concatenates per expert (rows of gate, then rows of up), in the `[experts]` section's names.
+FUSED_EXPERTS = {"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}
+
+
+@dataclass
+class _Experts:
+    """One decoder layer's routed experts: where the fused module is, GGUF name per role."""
+
+    module: str  # path inside the decoder layer, e.g. "mlp.experts"
+    count: int
+    gguf: dict[str, str]  # role (gate/up/down) -> stacked GGUF weight name
+    checkpoint: dict[str, list[str]]  # role -> per-expert checkpoint tensor names
+
+
+def _layer_experts(plan: "GGUFPlan", i: int, prefix: str) -> _Experts | None:
+    """Decoder layer i's routed experts (from the architecture's `[experts]` templates and the
+    plan's stacked tensors), or None for a dense layer."""
+    arch = plan.arch
+    roles = arch.expert_tensors(i, plan.config)
+    if not roles:
+        return None
+    by_stack = {t.stack: t.name for t in plan.tensors if t.stack}
+    gguf_names = {role: by_stack[tuple(names)] for role, names in roles.items()}
+    template = arch.extra["experts"][next(iter(roles))].format(i=i, e="{e}")
+    module = template.split(".{e}.", 1)[0].removeprefix(prefix)
+    return _Experts(module, len(next(iter(roles.values()))), gguf_names, roles)
+
+
+def _fuse_experts(state: dict, layer, experts: _Experts, prefix: str, source: Path) -> None:
+    """Replace the per-expert checkpoint tensors in a layer's state dict by the fused parameters
+    of transformers' experts module (checked against the module's own shapes)."""
+    import torch
+
+    module = layer.get_submodule(experts.module)
+    params = dict(module.named_parameters(recurse=False))
+    layout = (getattr(module, "is_concatenated", True), getattr(module, "is_transposed", False),
+              getattr(module, "has_bias", False))
+    roles = {r for fused in FUSED_EXPERTS.values() for r in fused}
+    if set(params) != set(FUSED_EXPERTS) or layout != (True, False, False) or set(experts.checkpoint) != roles:
+        raise UnsupportedError(f"{source}: importance matrix: the experts module {type(module).__name__} "
+                               f"({', '.join(sorted(params))}) is not transformers' fused gate_up/down layout")
+    for pname, roles in FUSED_EXPERTS.items():
+        fused = torch.stack([torch.cat([state.pop(experts.checkpoint[r][e][len(prefix):]) for r in roles])
+                             for e in range(experts.count)])
+        if tuple(fused.shape) != tuple(params[pname].shape):
+            raise ShapeError(f"{source}: experts of {prefix.rstrip('.')} stack to {list(fused.shape)}, "
+                             f"transformers' {experts.module}.{pname} is {list(params[pname].shape)}")
+        state[f"{experts.module}.{pname}"] = fused
+
+
 def compute_imatrix(plan: "GGUFPlan", threads: int | None = None) -> Imatrix:
     """Run the calibration chunks through the reference model one decoder layer at a time and
-    collect, for every linear layer, the squared inputs per column.
+    collect, for every linear layer, the squared inputs per column (for routed experts, per
+    expert over the tokens routed to it).
 
     Only one layer's weights (float32) and the hidden states of all chunks are in memory: the
     embedding rows are looked up, each layer is built on the meta device from the architecture's
@@ -165,6 +268,7 @@ def compute_imatrix(plan: "GGUFPlan", threads: int | None = None) -> Imatrix:
     info(f"importance matrix: {len(chunks)} chunks of {chunk_size} tokens from '{plan.calibration}'")
     config = AutoConfig.from_pretrained(plan.src)
     config._attn_implementation = "eager"  # takes the explicit causal mask below as is
+    config._experts_implementation = "eager"  # the plain per-expert loop: no grouped-matmul kernels
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     base = skeleton.get_submodule(arch.layers_module.rsplit(".", 1)[0])
@@ -172,12 +276,35 @@ def compute_imatrix(plan: "GGUFPlan", threads: int | None = None) -> Imatrix:
     rotary = type(base.rotary_emb)(config=config)
     del skeleton, base
     sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    counts: dict[str, Any] = {}
 
     def record(name: str, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
         sums[name] = sums.get(name, 0) + (x * x).sum(dim=0)
         counts[name] = counts.get(name, 0) + x.shape[0]
+
+    def record_experts(experts: _Experts, module, args, kwargs) -> None:
+        """The experts module's input: hidden states (tokens x hidden) and the router's top-k
+        expert indices per token; each expert's inputs are its routed tokens only."""
+        hidden = (args[0] if args else kwargs["hidden_states"]).detach()
+        index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        index = index.reshape(hidden.shape[0], -1)
+        for role, name in experts.gguf.items():
+            cols = hidden.shape[-1] if role != "down" else module.down_proj.shape[-1]
+            sums.setdefault(name, torch.zeros(experts.count, cols, dtype=torch.float64))
+            counts.setdefault(name, torch.zeros(experts.count, dtype=torch.int64))
+        for e in range(experts.count):
+            rows = (index == e).any(dim=-1).nonzero().squeeze(-1)
+            if rows.numel() == 0:
+                continue
+            x = hidden[rows]
+            gate, up = torch.nn.functional.linear(x, module.gate_up_proj[e]).chunk(2, dim=-1)
+            h = module.act_fn(gate) * up  # what the expert's down projection receives
+            for role, inp in (("gate", x), ("up", x), ("down", h)):
+                name = experts.gguf[role]
+                sums[name][e] += (inp.to(torch.float64) ** 2).sum(dim=0)
+                counts[name][e] += rows.numel()
 
     def tensors_with_prefix(prefix: str) -> dict[str, torch.Tensor]:
         return {n[len(prefix):]: reader.get(n).to(torch.float32) for n in reader.names()
@@ -194,9 +321,17 @@ def compute_imatrix(plan: "GGUFPlan", threads: int | None = None) -> Imatrix:
             prefix = f"{arch.layers_module}.{i}."
             with torch.device("meta"):
                 layer = layer_cls(config, layer_idx=i)
-            layer.load_state_dict(tensors_with_prefix(prefix), strict=True, assign=True)
+            state = tensors_with_prefix(prefix)
+            experts = _layer_experts(plan, i, prefix)
+            if experts is not None:
+                _fuse_experts(state, layer, experts, prefix, plan.src)
+            layer.load_state_dict(state, strict=True, assign=True)
+            del state
             hooks = [m.register_forward_pre_hook(lambda mod, args, n=names[prefix + local + ".weight"]: record(n, args[0]))
                      for local, m in layer.named_modules() if prefix + local + ".weight" in names]
+            if experts is not None:
+                hooks.append(layer.get_submodule(experts.module).register_forward_pre_hook(
+                    lambda mod, args, kwargs, x=experts: record_experts(x, mod, args, kwargs), with_kwargs=True))
             for j, h in enumerate(hidden):
                 n = h.shape[1]
                 hidden[j] = layer(h, attention_mask=_causal_mask(n), position_ids=positions[:, :n],
@@ -212,11 +347,16 @@ def compute_imatrix(plan: "GGUFPlan", threads: int | None = None) -> Imatrix:
             for h in hidden:
                 record(names[arch.globals["lm_head"]], norm(h))
         advance()
-    missing = sorted(set(names.values()) - set(sums))
+    wanted = set(names.values()) | {t.name for t in plan.tensors if t.stack}
+    missing = sorted(wanted - set(sums))
     if missing:
         raise ShapeError(f"{plan.src}: no activations reached {missing[0]} (and {len(missing) - 1} more)")
-    entries = {n: (sums[n].numpy(), counts[n]) for n in sums}
+    entries = {n: (sums[n].numpy(), counts[n] if isinstance(counts[n], int) else counts[n].numpy()) for n in sums}
     bad = [n for n, (s, _) in entries.items() if not np.isfinite(s).all()]
     if bad:
         raise ShapeError(f"{plan.src}: non-finite activations entering {bad[0]} during calibration")
+    idle = {n: int((c == 0).sum()) for n, (_, c) in entries.items() if np.ndim(c) and (c == 0).any()}
+    if idle:
+        info(f"importance matrix: {sum(idle.values())} expert matrices in {len(idle)} stacked weights received no "
+             f"calibration token (llama.cpp weighs their columns equally); more --imatrix-chunks reach more experts")
     return Imatrix(entries, [plan.calibration], len(chunks), chunk_size, f"calibration:{plan.calibration}")

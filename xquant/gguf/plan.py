@@ -125,7 +125,8 @@ class GGUFPlan:
             per_layer: dict[int, int] = {}
             for t in self.tensors:
                 if t.layer is not None:
-                    per_layer[t.layer] = per_layer.get(t.layer, 0) + t.numel * 4
+                    # stacked experts are briefly held twice: per expert, then fused (imatrix.py)
+                    per_layer[t.layer] = per_layer.get(t.layer, 0) + t.numel * 4 * (2 if t.stack else 1)
             hidden = self.imatrix_chunks * 512 * int(self.config.get("hidden_size", 0)) * 4
             embed = max((t.numel * 4 for t in self.tensors if "token_embd" in t.name), default=0)
             peak = max(peak, BASE_MEMORY + 2**30 + hidden + max(max(per_layer.values(), default=0), embed))
@@ -307,9 +308,6 @@ def plan_gguf(src: Path, out: Path, outtype: str = "f16", calibration: str | Non
     gguf_arch = gguf_arch_of(arch)
     config = model.config
     check_required(arch, config, gguf_arch, source)
-    if matrix and arch.extra.get("experts"):
-        raise UnsupportedError(f"{source}: importance matrices for mixture-of-experts models "
-                               f"({', '.join(arch.hf_architectures)}) are not supported yet")
     if matrix and not otype.uses_imatrix:
         users = ", ".join(n for n in outtypes.known() if outtypes.get(n).uses_imatrix)
         raise UnsupportedError(f"{'--calibration' if calibration else '--imatrix'}: {otype.name} does not use "
