@@ -101,5 +101,20 @@ def xquant_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "xquant.cli", *map(str, args)]
 
 
+@dataclass
+class Timed:
+    wall: Run  # the whole process: start-up, work, exit
+    work: float  # the command's own work, start-up excluded (bench/inproc.py)
+
+
+def measure_xquant(*args) -> Timed:
+    """Run an xquant command in a fresh process, timing the whole process and the work inside it."""
+    seconds = OUT / ".inproc-seconds"
+    seconds.unlink(missing_ok=True)
+    run = measure([sys.executable, str(REPO / "bench" / "inproc.py"), str(seconds), *map(str, args)])
+    return Timed(run, float(seconds.read_text()))
+
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"

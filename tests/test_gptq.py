@@ -305,7 +305,7 @@ def test_optimum_engine_side_by_side(sensitive, tmp_path, eval_ids, fp32_ppl):
         reference = load_dequantized(result.out)
         _check_consumer(result.out, reference, eval_ids)
         ppl[engine] = _ppl(reference, eval_ids)
-    report(f"gptq 4bit-g128 16x128 engines: " + ", ".join(
+    report("gptq 4bit-g128 16x128 engines: " + ", ".join(
         f"{s} xquant {ppl['xquant'][s]:.2f} ({ours.seconds:.0f} s) / optimum {ppl['optimum'][s]:.2f} "
         f"({theirs.seconds:.0f} s)" for s in EVAL_SETS))
     for s in EVAL_SETS:

@@ -20,13 +20,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, report, run_cli
+from helpers import llama_cpp_logits
 from xquant.evaluate.runtimes import nf4_cpu_fallback
 
 MODES = {
     "int8": dict(load_in_8bit=True),
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
 }
-THREADS = dict(n_threads=1, n_threads_batch=1)
 
 
 @pytest.fixture(scope="module")
@@ -135,23 +135,12 @@ def test_gguf_is_qwen2moe_with_stacked_experts(gguf_files, moe):
         assert types["blk.0.ffn_gate_exps.weight"] == qtype and types["blk.0.ffn_gate_inp.weight"] == "F32"
 
 
-def _llama_logits(path: Path, ids: list[int]) -> torch.Tensor:
-    from xquant.gguf.kquant import load_llama
-
-    llm = load_llama(path, n_ctx=512, f32_cache=True, **THREADS)
-    try:
-        llm.eval(ids)
-        return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float64))
-    finally:
-        llm.close()
-
-
 def test_gguf_logits_in_llama_cpp_match_transformers(gguf_files, reference, ids):
-    f32 = float((_llama_logits(gguf_files["f32"], ids) - reference).abs().max())
+    f32 = float((llama_cpp_logits(gguf_files["f32"], ids) - reference).abs().max())
     p = torch.log_softmax(reference, -1)
     kl = {}
     for outtype in ("q8_0", "q4_k_m"):
-        logits = _llama_logits(gguf_files[outtype], ids)
+        logits = llama_cpp_logits(gguf_files[outtype], ids)
         kl[outtype] = float((p.exp() * (p - torch.log_softmax(logits, -1))).sum(-1).mean())
     report(f"MoE GGUF in llama.cpp vs transformers ({len(ids)} tokens): f32 max |logit diff| {f32:.2e}; "
            f"mean KL q8_0 {kl['q8_0']:.2e}, q4_k_m {kl['q4_k_m']:.2e}")

@@ -14,15 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, report, run_cli
+from helpers import llama_cpp_logits
 
 pytest.importorskip("llama_cpp", reason="the llamacpp extra (llama-cpp-python) is not installed")
 gguf = pytest.importorskip("gguf")
 
 from xquant.gguf import convert_gguf, plan_gguf  # noqa: E402
 from xquant.gguf.imatrix import Imatrix, calibration_chunks, compute_imatrix  # noqa: E402
-from xquant.gguf.kquant import load_llama  # noqa: E402
 
-THREADS = dict(n_threads=1, n_threads_batch=1)
 CHUNKS = 8
 EXPERTS, TOP_K, LAYERS = 8, 2, 2  # the tiny MoE's MoESpec
 ROLES = ("gate", "up", "down")
@@ -110,15 +109,6 @@ def test_expert_sums_equal_a_whole_model_recount(moe):
                 np.testing.assert_allclose(sums[e], (inp ** 2).sum(0).numpy(), rtol=1e-4, atol=1e-9)
 
 
-def _logits(path: Path, ids: list[int]) -> torch.Tensor:
-    llm = load_llama(path, n_ctx=512, f32_cache=True, **THREADS)
-    try:
-        llm.eval(ids)
-        return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float64))
-    finally:
-        llm.close()
-
-
 def test_quantizer_uses_the_imatrix_for_the_experts(files, moe):
     """llama.cpp quantizes each expert with its own row of the matrix: the stacked expert tensors
     of experts that received tokens change; the file loads and predicts at least as well."""
@@ -147,7 +137,7 @@ def test_quantizer_uses_the_imatrix_for_the_experts(files, moe):
         ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
     kl = {}
     for kind in ("plain", "imatrix"):
-        got = torch.log_softmax(_logits(files[kind], ids), -1)
+        got = torch.log_softmax(llama_cpp_logits(files[kind], ids), -1)
         kl[kind] = float((ref.exp() * (ref - got)).sum(-1).mean())
     report(f"MoE q4_k_m vs transformers ({len(ids)} eval tokens): mean KL {kl['plain']:.3e} without, "
            f"{kl['imatrix']:.3e} with the importance matrix ({CHUNKS} chunks)")

@@ -12,11 +12,11 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from conftest import assert_one_line_error, report, run_cli
+from helpers import llama_cpp_logits
 from xquant import tiny_xverse
 from xquant.calib import load_set
 from xquant.io.readers import open_hf_tensors
@@ -28,7 +28,6 @@ from xquant.gguf import convert_gguf  # noqa: E402
 from xquant.gguf.kquant import load_llama  # noqa: E402
 from xquant.gguf.vocab import BYTE, CONTROL, NORMAL, _detect  # noqa: E402
 
-THREADS = dict(n_threads=1, n_threads_batch=1)
 GPTQ_ARGS = ("--samples", "4", "--seq-len", "64", "--group-size", "32")
 
 
@@ -57,15 +56,6 @@ def ggufs(xverse, tmp_path_factory) -> dict[str, Path]:
 def window(reference) -> list[int]:
     _, _, tok = reference
     return tok(load_set("mixed", "eval").documents[0])["input_ids"][:256]
-
-
-def _logits_llama_cpp(path: Path, ids: list[int]) -> torch.Tensor:
-    llm = load_llama(path, n_ctx=512, f32_cache=True, **THREADS)
-    try:
-        llm.eval(ids)
-        return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-    finally:
-        llm.close()
 
 
 def _logits_hf(model, ids: list[int]) -> torch.Tensor:
@@ -102,8 +92,8 @@ def test_gguf_logits_match_the_llama_reference(ggufs, reference, window):
     (q/k un-permuted with the true kv-head count: the tiny model has grouped-query attention)."""
     _, model, _ = reference
     ref = _logits_hf(model, window)
-    diff = (_logits_llama_cpp(ggufs["f32"], window) - ref).abs().max().item()
-    q8 = _logits_llama_cpp(ggufs["q8_0"], window)
+    diff = (llama_cpp_logits(ggufs["f32"], window, torch.float32) - ref).abs().max().item()
+    q8 = llama_cpp_logits(ggufs["q8_0"], window, torch.float32)
     top1 = (q8.argmax(-1) == ref.argmax(-1)).float().mean().item()
     report(f"xverse gguf: f32 max |logit diff| {diff:.2e}; q8_0 max {(q8 - ref).abs().max().item():.3f}, "
            f"top-1 agreement {top1:.1%} over {len(window)} tokens")

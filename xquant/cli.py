@@ -272,6 +272,7 @@ def gptq_cmd(
     sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (fixed zero point) or asymmetric groups.")] = True,
     damp: Annotated[float, typer.Option("--damp", help="Dampening: fraction of the mean Hessian diagonal (raised automatically if needed).")] = 0.01,
     true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="Recompute a layer's inputs after each group of linears.")] = True,
+    min_expert_tokens: Annotated[int, typer.Option("--min-expert-tokens", help="Mixture of experts: a routed expert sent fewer calibration tokens than this is rounded to nearest.")] = 32,
     calibration: Annotated[Optional[list[str]], typer.Option("--calibration", help="Bundled set (zh, en, code, mixed) or .txt/.jsonl/dir; repeatable.")] = None,
     samples: Annotated[int, typer.Option("--samples", help="Calibration windows.")] = 128,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 2048,
@@ -289,7 +290,7 @@ def gptq_cmd(
     from .render import render_gptq, render_plan
 
     options = GPTQOptions(bits=bits, group_size=group_size, desc_act=desc_act, static_groups=static_groups,
-                          sym=sym, damp=damp, true_sequential=true_sequential,
+                          sym=sym, damp=damp, true_sequential=true_sequential, min_expert_tokens=min_expert_tokens,
                           calibration=tuple(calibration or ("mixed",)), samples=samples, seq_len=seq_len,
                           seed=seed, device=device, engine=engine, max_shard_size=max_shard_size)
     plan = plan_gptq(model, out, options)
@@ -378,8 +379,33 @@ def demo(
 
 
 def main() -> None:
-    app()
+    """The console script: run the app, then leave without the interpreter's clean-up."""
+    try:
+        app()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    exit_now(code)
 
+
+def exit_now(code: int) -> None:
+    """Flush logging and the standard streams, then end the process at once.
+
+    Every output is closed and renamed into place by then; what the interpreter's finalization
+    would still do is free torch's and transformers' module objects one by one, 0.5-0.8 s
+    measured here on every command.
+    """
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 if __name__ == "__main__":
     main()

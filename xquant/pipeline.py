@@ -10,21 +10,26 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from .console import progress
 from .io.dtypes import dtype_name, human_bytes
 from .io.output import Provenance, atomic_dir
+from .io.pool import BufferPool
 from .io.readers import TensorReader
 from .io.writer import ShardedWriter, TensorSpec
 
 # Interpreter, torch and library code resident before any tensor is read (measured ~0.4 GiB).
 BASE_MEMORY = 512 * 2**20
+# Finished outputs held besides the one being made: one queued, one being written.
+IN_FLIGHT = 2
 
 
 @dataclass
@@ -48,6 +53,9 @@ class Plan:
     copy_files: list[Path] = field(default_factory=list)
     readers: list[TensorReader] = field(default_factory=list)
     working_factor: float = 3.0  # input copy + float32 working copy + output, per tensor
+    # Output buffers reused from tensor to tensor (see io/pool.py); producers that use it
+    # must not keep their output after returning it.
+    pool: BufferPool | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -55,10 +63,11 @@ class Plan:
         return sum(j.spec.nbytes for j in self.jobs)
 
     def peak_memory_estimate(self) -> int:
-        """The largest tensor in flight times the working factor, plus the resident base."""
+        """The largest tensor being made times the working factor, two more outputs in flight
+        (one queued, one being written: see `_produced`), plus the resident base."""
         largest = max((j.spec.nbytes for j in self.jobs), default=0)
         largest_f32 = max((j.spec.nbytes * 4 // max(1, j.spec.dtype.itemsize) for j in self.jobs), default=0)
-        return int(BASE_MEMORY + largest + (self.working_factor - 1) * largest_f32 / 2)
+        return int(BASE_MEMORY + (1 + IN_FLIGHT) * largest + (self.working_factor - 1) * largest_f32 / 2)
 
     def rows(self) -> list[dict[str, Any]]:
         return [{"tensor": j.spec.name, "shape": "x".join(map(str, j.spec.shape)),
@@ -102,27 +111,75 @@ def execute(plan: Plan, force: bool = False) -> Path:
     return plan.out.resolve()
 
 
-def write_jobs(directory: Path, plan: Plan, hashes: dict[str, str]) -> None:
-    writer = ShardedWriter(directory, [j.spec for j in plan.jobs], plan.max_shard_size)
-    try:
-        current_group = None
-        with progress(plan.title, total=len(plan.jobs)) as advance:
+_DONE = object()
+
+
+def _produced(plan: Plan, stop: threading.Event) -> Iterator[tuple[TensorJob, torch.Tensor | None]]:
+    """The jobs with their tensors, made one tensor ahead on a worker thread.
+
+    While the writer copies tensor N into the page cache (pwrite releases the GIL), the worker
+    already reads and transforms tensor N+1, so on two cores the transform and the write overlap.
+    Only the worker touches the readers, in job order, releasing them between layers; at most one
+    finished tensor waits in the queue, which keeps the memory bound at a few tensors.
+    """
+    q: queue.Queue = queue.Queue(maxsize=1)
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            current_group = None
             for job in plan.jobs:
                 if job.group != current_group:
                     for r in plan.readers:
                         r.release()
                     current_group = job.group
+                tensor = None if job.passthrough is not None else job.produce()
+                if not put((job, tensor)):
+                    return
+                del tensor
+            for r in plan.readers:
+                r.release()
+            put(_DONE)
+        except BaseException as e:  # re-raised on the writer's thread, with its own type and message
+            put(e)
+
+    worker = threading.Thread(target=work, name="xquant-produce", daemon=True)
+    worker.start()
+    try:
+        while (item := q.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+
+
+def write_jobs(directory: Path, plan: Plan, hashes: dict[str, str]) -> None:
+    writer = ShardedWriter(directory, [j.spec for j in plan.jobs], plan.max_shard_size)
+    stop = threading.Event()
+    try:
+        with progress(plan.title, total=len(plan.jobs)) as advance:
+            for job, tensor in _produced(plan, stop):
                 if job.passthrough is not None:
                     writer.add_range(job.spec.name, job.spec, *job.passthrough)
                 else:
-                    tensor = job.produce()
                     writer.add(job.spec.name, tensor)
-                    del tensor
+                    if plan.pool is not None:
+                        plan.pool.recycle(tensor)  # written to the file: its buffer is free again
+                del tensor
                 advance()
-        for r in plan.readers:
-            r.release()
         hashes.update(writer.close())
     except BaseException:
+        stop.set()
         writer.abort()
         raise
     for name, obj in plan.json_files.items():

@@ -89,7 +89,10 @@ def _gguf(src: Path, out: Path, o: dict[str, Any], force: bool) -> None:
     from .gguf.plan import plan_gguf
     from .gguf.writer import execute
 
-    execute(plan_gguf(src, out, o.get("outtype", "f16"), o.get("calibration")), force=force)
+    imatrix = o.get("imatrix")
+    execute(plan_gguf(src, out, o.get("outtype", "f16"), o.get("calibration"),
+                      imatrix_chunks=o.get("imatrix_chunks", 64), imatrix=Path(imatrix) if imatrix else None),
+            force=force)
 
 
 @step_kind("gptq", lambda o: f"gptq-{o.get('bits', 4)}bit-g{o.get('group_size', 128)}")

@@ -69,5 +69,9 @@ def render_gptq(result) -> None:
                           f"{sum(losses) / max(1, len(losses)):.4g}",
                           f"{max((v['damp'] for v in linears), default=0):g}")
         console.print(table)
+    if getattr(result, "experts", None):
+        x = result.experts
+        console.print(f"experts by round-to-nearest: {x['rtn']} of {x['total']} "
+                      f"(fewer than {x['min_tokens']} calibration tokens routed to them)")
     resumed = f", resumed at layer {result.resumed_at}" if result.resumed_at else ""
     console.print(f"[green]wrote[/] {result.out} ({result.engine}, {result.seconds:.1f} s{resumed})")

@@ -77,7 +77,11 @@ def _made_by(path: Path) -> dict[str, Any] | None:
     m = read_manifest(path)
     if not m:
         return None
-    return {"command": m.get("command"), "options": m.get("options"), "xquant_version": m.get("xquant_version")}
+    made = {"command": m.get("command"), "options": m.get("options"), "xquant_version": m.get("xquant_version")}
+    experts = (m.get("gptq") or {}).get("experts")
+    if experts:  # GPTQ of a mixture of experts: how many routed experts got round-to-nearest
+        made["experts"] = {k: experts[k] for k in ("rtn", "total", "min_tokens")}
+    return made
 
 
 def build_report(reference: Path, artifacts: list[Path], out: Path, evals: list[str] | None = None,
@@ -179,6 +183,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         if r.get("made_by"):
             lines.append(f"\n- {r['name']} made by `xquant {r['made_by']['command']}` "
                          f"with {json.dumps(r['made_by']['options'], ensure_ascii=False)}")
+            if r["made_by"].get("experts"):
+                x = r["made_by"]["experts"]
+                lines.append(f"  experts by round-to-nearest: {x['rtn']} of {x['total']} "
+                             f"(fewer than {x['min_tokens']} calibration tokens routed to them)")
     return "\n".join(lines) + "\n"
 
 

@@ -18,6 +18,7 @@ import torch
 from ..errors import InputError, ShapeError, UnsupportedError
 from ..io.dtypes import dtype_name, parse_dtype, parse_size
 from ..io.output import Provenance, check_output_path
+from ..io.pool import BufferPool
 from ..io.readers import TensorReader
 from ..io.writer import TensorSpec
 from ..model import HFModel, open_hf
@@ -53,13 +54,13 @@ def _source(p: Pair) -> str:
 
 
 def _job(p: Pair, base: TensorReader, delta: TensorReader, out_dtype: torch.dtype,
-         fingerprints: dict[str, Any], base_path: Path, delta_path: Path) -> TensorJob:
+         fingerprints: dict[str, Any], base_path: Path, delta_path: Path, pool: BufferPool) -> TensorJob:
     def produce() -> torch.Tensor:
         b = None
         if not p.whole:
             b = base.get(p.name)
             check_fingerprint(p.name, b, fingerprints, base_path, delta_path)
-        return add_delta(p.name, delta.get(p.name), b, out_dtype)
+        return add_delta(p.name, delta.get(p.name), b, out_dtype, out=pool.empty(p.other.shape, out_dtype))
 
     # A tensor the delta stores whole, already in the output dtype, is copied file to file in-kernel.
     same = p.whole and p.other.dtype == out_dtype
@@ -151,10 +152,11 @@ def plan_apply_delta(base: Path, delta: Path, out: Path, dtype: str | None = Non
     config["dtype"] = dtype_name(out_dtype)
     config.pop("torch_dtype", None)
     size = parse_size(max_shard_size)
+    pool = BufferPool(max((p.other.numel * out_dtype.itemsize for p in pairs), default=0))
     plan = DeltaPlan(
         title=f"apply-delta {delta.name} + {base.name} -> {out.name}",
         out=out,
-        jobs=[_job(p, base_m.tensors, delta_m.tensors, out_dtype, fingerprints, base, delta) for p in pairs],
+        jobs=[_job(p, base_m.tensors, delta_m.tensors, out_dtype, fingerprints, base, delta, pool) for p in pairs],
         max_shard_size=size,
         provenance=Provenance("apply-delta", {"style": st.name, "dtype": dtype_name(out_dtype),
                                               "max_shard_size": size, "skip_base_check": skip_base_check,
@@ -164,6 +166,8 @@ def plan_apply_delta(base: Path, delta: Path, out: Path, dtype: str | None = Non
         readers=[base_m.tensors, delta_m.tensors],
         notes=notes,
         inflight_bytes=max((_inflight(p, out_dtype) for p in pairs), default=0),
+        largest_output=pool.nbytes,
+        pool=pool,
     )
     if expect_sha256 is not None:
         plan.expected = read_expected(Path(expect_sha256))

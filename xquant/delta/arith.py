@@ -23,7 +23,9 @@ import torch
 from ..errors import InputError
 from ..io.dtypes import dtype_name
 
-CHUNK_ELEMENTS = 1 << 22  # 4 Mi elements: 16 MiB for a float32 working chunk
+# 256 Ki elements (1 MiB as float32): a chunk's inputs and output stay in a core's L2 cache, so the
+# NaN/inf scan right after the sum reads cache, not memory (measured 4-10x cheaper than at 4 Mi).
+CHUNK_ELEMENTS = 1 << 18
 
 
 class NonFiniteError(InputError):
@@ -34,7 +36,7 @@ class NonFiniteError(InputError):
 def one_thread() -> Iterator[None]:
     """Run the elementwise passes on one thread, restoring torch's setting afterwards.
 
-    They are memory-bound: one core adds or scans 4 Mi float16 values in ~2 ms, faster than the
+    They are memory-bound: one core adds or scans 256 Ki float16 values in ~0.2 ms, faster than the
     disk delivers them. Measured on a busy 2-core machine, two threads made the same passes 3-5x
     slower (each waits for the other at every chunk).
     """
@@ -122,9 +124,12 @@ def _explain(name: str, x: torch.Tensor, y: torch.Tensor | None, o: torch.Tensor
         f"{_largest(exact):.4g}, {dtype_name(o.dtype)} holds up to {limit:.4g}); choose --dtype bfloat16 or float32")
 
 
-def add_delta(name: str, delta: torch.Tensor, base: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """delta + base on the base's rows, delta as it is on the rest; float32 sums cast to out_dtype."""
-    out = torch.empty(delta.shape, dtype=out_dtype)
+def add_delta(name: str, delta: torch.Tensor, base: torch.Tensor | None, out_dtype: torch.dtype,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """delta + base on the base's rows, delta as it is on the rest; float32 sums cast to out_dtype
+    (into `out` when given: delta's shape, out_dtype)."""
+    if out is None:
+        out = torch.empty(delta.shape, dtype=out_dtype)
     _fill(name, delta, base, out, False, ("delta", "base"), "result")
     return out
 

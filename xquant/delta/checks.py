@@ -222,20 +222,25 @@ def check_fingerprint(name: str, t: torch.Tensor, records: dict[str, Any], base_
                          f"(xquant-delta.json fingerprint differs): wrong base")
 
 
+COSINE_SAMPLE_ROWS = 4096
+
+
 def mean_row_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean cosine similarity of corresponding rows of a[:len(b)] and b, in bounded chunks."""
+    """Mean cosine similarity of corresponding rows of a[:len(b)] and b, over up to
+    COSINE_SAMPLE_ROWS rows spread evenly across the table.
+
+    The checks compare this with thresholds far apart (a whole copy resembles the base, a
+    difference does not), so a sample decides as well as every row does, for a fraction of the
+    reading: on a 39,410-row embedding it reads a tenth of the rows.
+    """
     rows = b.shape[0]
-    total, count = 0.0, 0
-    step = max(1, (1 << 22) // max(1, b[0].numel()))  # 16 MiB of float32 per operand
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        x = a[r0:r1].reshape(r1 - r0, -1).float()
-        y = b[r0:r1].reshape(r1 - r0, -1).float()
-        keep = (x.norm(dim=1) > 0) & (y.norm(dim=1) > 0)
-        if bool(keep.any()):
-            total += float(torch.nn.functional.cosine_similarity(x[keep], y[keep], dim=1).sum())
-            count += int(keep.sum())
-    return total / count if count else 0.0
+    idx = torch.linspace(0, rows - 1, min(rows, COSINE_SAMPLE_ROWS)).round().long().unique()
+    x = a[:rows][idx].reshape(len(idx), -1).float()
+    y = b[idx].reshape(len(idx), -1).float()
+    keep = (x.norm(dim=1) > 0) & (y.norm(dim=1) > 0)
+    if not bool(keep.any()):
+        return 0.0
+    return float(torch.nn.functional.cosine_similarity(x[keep], y[keep], dim=1).mean())
 
 
 def check_embedding(style: Style, pair: Pair, delta: TensorReader, base: TensorReader, base_path, delta_path) -> float:

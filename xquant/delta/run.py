@@ -19,7 +19,7 @@ from ..errors import InputError
 from ..io.hashing import sha256_file
 from ..io.output import MANIFEST_NAME
 from ..io.writer import INDEX_NAME, assign_shards
-from ..pipeline import BASE_MEMORY, Plan
+from ..pipeline import BASE_MEMORY, IN_FLIGHT, Plan
 from .arith import CHUNK_ELEMENTS, one_thread
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -32,10 +32,11 @@ class DeltaPlan(Plan):
     expected: dict[str, str] | None = None  # output file name -> sha256
     expected_source: Path | None = None
     inflight_bytes: int = 0  # the largest tensor's inputs + output, held at once
+    largest_output: int = 0  # two more of which wait for or go through the writer
     record: dict[str, Any] | None = None  # make-delta: the xquant-delta.json being filled in
 
     def peak_memory_estimate(self) -> int:
-        return int(BASE_MEMORY + self.inflight_bytes + 3 * 4 * CHUNK_ELEMENTS)
+        return int(BASE_MEMORY + self.inflight_bytes + IN_FLIGHT * self.largest_output + 3 * 4 * CHUNK_ELEMENTS)
 
     def running(self):
         return one_thread()

@@ -175,7 +175,11 @@ def nf4_cpu_fallback(model):
 
 @register("gptq")
 class GPTQRuntime(_Transformers):
-    """transformers + optimum + gptqmodel when installed, else xquant's exact dequantized reference."""
+    """transformers + optimum + gptqmodel when installed, else xquant's exact dequantized reference.
+
+    A mixture of experts is loaded by GPTQModel itself: transformers 5 fuses the routed experts
+    into 3-D parameters, so its GPTQ loader finds no module for the per-expert quantized tensors
+    and would leave the experts uninitialised; GPTQModel unfuses them into per-expert Linears."""
 
     engine = "transformers + optimum/gptqmodel"
 
@@ -185,6 +189,14 @@ class GPTQRuntime(_Transformers):
             import optimum  # noqa: F401
         except ImportError:
             return self._dequantized(auto)
+        from ..arch import for_config
+
+        if for_config(json.loads((self.path / "config.json").read_text())).extra.get("experts"):
+            from gptqmodel import GPTQModel
+
+            self.engine = "gptqmodel (GPTQModel.load, per-expert modules)"
+            dtype = torch.float32 if self.device == "cpu" else torch.float16
+            return GPTQModel.load(str(self.path), device=self.device, dtype=dtype).model
         return auto.from_pretrained(self.path, device_map=self.device)
 
     def _dequantized(self, auto):

@@ -12,7 +12,6 @@ import hashlib
 import json
 import mmap
 import os
-import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,36 +52,78 @@ def assign_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[Ten
     return shards
 
 
-class _Hasher:
-    """sha256 of a file's bytes as they are written, computed on a second thread.
+class _PrefixHasher:
+    """sha256 of a shard, computed on its own thread over the part of the file already written.
 
-    hashlib releases the GIL on large buffers, so hashing overlaps reading and writing. The queue
-    is short: at most two tensors wait to be hashed, which bounds the memory this costs.
+    The writer reports each finished tensor; the hasher follows the longest finished prefix of the
+    file and reads it back through read-only mappings of at most CHUNK bytes (page-cache pages, no
+    copy). So it never holds a caller's tensor, its resident memory stays bounded, tensors may
+    finish in any order (the prefix waits for the gap), and with one hasher per shard the shards
+    are hashed in parallel while later tensors are still being written. hashlib releases the GIL.
     """
 
-    def __init__(self, head: bytes):
+    CHUNK = 64 << 20
+
+    def __init__(self, fd: int, head: bytes, size: int):
+        self._fd, self._size = fd, size
         self._h = hashlib.sha256(head)
-        self._q: queue.Queue = queue.Queue(maxsize=2)
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._hashed = self._ready = len(head)
+        self._pending: dict[int, int] = {}  # finished spans beyond the prefix: begin -> end
+        self._cond = threading.Condition()
+        self._closing = self._cancelled = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="xquant-sha256", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
-        while (item := self._q.get()) is not None:
-            data, keepalive = item
-            self._h.update(data)
-            if hasattr(keepalive, "close"):
-                keepalive.close()
+    def finished(self, begin: int, end: int) -> None:
+        if end <= begin:
+            return
+        with self._cond:
+            self._pending[begin] = end
+            while self._ready in self._pending:
+                self._ready = self._pending.pop(self._ready)
+            self._cond.notify()
 
-    def feed(self, data: memoryview, keepalive: object) -> None:
-        self._q.put((data, keepalive))
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while self._ready <= self._hashed and not (self._closing or self._cancelled):
+                        self._cond.wait()
+                    if self._cancelled or self._ready <= self._hashed:
+                        return
+                    target = self._ready
+                while self._hashed < target:
+                    self._update(self._hashed, min(self.CHUNK, target - self._hashed))
+                    self._hashed += min(self.CHUNK, target - self._hashed)
+        except BaseException as e:  # reported by digest()
+            self._error = e
+
+    def _update(self, offset: int, n: int) -> None:
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        m = mmap.mmap(self._fd, offset + n - start, access=mmap.ACCESS_READ, offset=start)
+        try:
+            with memoryview(m) as whole, whole[offset - start:] as part:
+                self._h.update(part)
+        finally:
+            m.close()
 
     def digest(self) -> str:
-        self._q.put(None)
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
         self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._hashed != self._size:
+            raise RuntimeError(f"sha256 covered {self._hashed} of {self._size} bytes")  # a writer bug
         return self._h.hexdigest()
 
     def cancel(self) -> None:
-        self._q.put(None)
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify()
+        self._thread.join()
 
 
 class _Shard:
@@ -91,70 +132,39 @@ class _Shard:
         self.specs = {s.name: s for s in specs}
         head, self.offsets = layout([(s.name, s.shape, s.dtype) for s in specs], metadata)
         self.size = len(head) + sum(s.nbytes for s in specs)
-        # Streaming sha256 while tensors arrive in file order; otherwise re-read once at close.
-        self.file_order = sorted(self.offsets, key=lambda n: self.offsets[n][0])
-        self.next = 0
-        self.hasher: _Hasher | None = _Hasher(head)
         self.written: set[str] = set()
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         _guard(path, lambda: pwrite_all(self.fd, memoryview(head), 0))
+        self.hasher = _PrefixHasher(self.fd, head, self.size)
 
-    def _hash(self, name: str, data: memoryview, keepalive: object) -> None:
-        if self.hasher is None:
-            return
-        if self.next < len(self.file_order) and self.file_order[self.next] == name:
-            self.hasher.feed(data, keepalive)
-            self.next += 1
-        else:
-            self.hasher.cancel()
-            self.hasher = None
-
-    def write(self, name: str, data: memoryview, keepalive: object) -> None:
-        begin, _ = self.offsets[name]
+    def write(self, name: str, data: memoryview) -> None:
+        begin, end = self.offsets[name]
         _guard(self.path, lambda: pwrite_all(self.fd, data, begin))
         self.written.add(name)
-        self._hash(name, data, keepalive)
+        self.hasher.finished(begin, end)
 
     def copy_range(self, name: str, src: Path, src_offset: int) -> None:
         """Copy a tensor's bytes file-to-file inside the kernel (no trip through user memory)."""
         begin, end = self.offsets[name]
         with open(src, "rb") as f:
             _guard(self.path, lambda: copy_range(f.fileno(), src_offset, self.fd, begin, end - begin))
-            if self.hasher is not None and end > begin:
-                # Hash from a read-only mapping of the source: page-cache pages, no copy.
-                start = src_offset - src_offset % mmap.ALLOCATIONGRANULARITY
-                m = mmap.mmap(f.fileno(), src_offset + end - begin - start, access=mmap.ACCESS_READ, offset=start)
-                view = memoryview(m)[src_offset - start:]
-                self._hash(name, view, _MapHandle(m, view))
-            else:
-                self._hash(name, memoryview(b""), None)
         self.written.add(name)
+        self.hasher.finished(begin, end)
 
     def close(self) -> str:
-        os.close(self.fd)
-        if self.hasher is not None:
+        try:
             return self.hasher.digest()
-        from .hashing import sha256_file
-        return sha256_file(self.path)
+        finally:
+            self._close_fd()
 
     def abort(self) -> None:
-        if self.hasher is not None:
-            self.hasher.cancel()
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        self.hasher.cancel()
+        self._close_fd()
 
-
-class _MapHandle:
-    """Keeps a mapping alive until the hasher is done with it, then unmaps it."""
-
-    def __init__(self, m: mmap.mmap, view: memoryview):
-        self.m, self.view = m, view
-
-    def close(self) -> None:
-        self.view.release()
-        self.m.close()
+    def _close_fd(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int) -> None:
@@ -210,7 +220,7 @@ class ShardedWriter:
                              f"the plan says {list(spec.shape)} {spec.dtype}")
         if name in shard.written:
             raise ShapeError(f"tensor '{name}' written twice")
-        shard.write(name, tensor_bytes(tensor), tensor)
+        shard.write(name, tensor_bytes(tensor))
 
     def add_range(self, name: str, spec: TensorSpec, src: Path, offset: int) -> None:
         """Write a tensor whose bytes already lie in `src` at `offset`, unchanged (a pass-through)."""

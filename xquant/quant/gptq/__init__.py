@@ -4,6 +4,8 @@ GPTQ v1 checkpoint layout that transformers/optimum/GPTQModel load.
 - core.py: the algorithm (weights + Hessian -> codes, scales, zeros, g_idx); round-to-nearest.
 - pack.py: the v1 tensor layout and an independent dequantizer.
 - walker.py: layer streaming (one transformers decoder layer on the device, Hessians by hooks).
+- moe.py: mixture of experts: routed experts as per-expert Linears, so each one's Hessian comes
+  from the tokens routed to it (rarely-routed experts: round-to-nearest, counted in the manifest).
 - state.py: the resume state beside the output.
 - plan.py / run.py: options, calibration, the output plan; execution and assembly.
 - optimum_engine.py: the same through optimum's GPTQQuantizer, as a reference.

@@ -30,7 +30,8 @@ from ...pipeline import Plan, TensorJob
 from .core import BITS, QuantSpec
 from .pack import check_packable, packed_shapes
 from .state import LayerFiles, state_dir_for
-from .walker import BATCH_TOKENS, layer_linears
+from .moe import experts_module
+from .walker import BATCH_TOKENS, MIN_EXPERT_TOKENS, layer_linears
 
 ENGINES = ("xquant", "optimum")
 # Resident before any tensor: torch + transformers' modeling code + the tokenizer (measured 0.86 GiB).
@@ -49,6 +50,7 @@ class GPTQOptions:
     sym: bool = True
     damp: float = 0.01
     true_sequential: bool = True
+    min_expert_tokens: int = MIN_EXPERT_TOKENS  # mixture of experts: fewer routed tokens -> round-to-nearest
     calibration: tuple[str, ...] = ("mixed",)
     samples: int = 128
     seq_len: int = 2048
@@ -78,6 +80,10 @@ class GPTQOptions:
             raise UnsupportedError("--device cuda: no CUDA device is available to torch on this machine")
         if not self.calibration:
             raise UnsupportedError("--calibration: name at least one set or file")
+        if isinstance(self.min_expert_tokens, bool) or not isinstance(self.min_expert_tokens, int) \
+                or self.min_expert_tokens < 1:
+            raise UnsupportedError(f"--min-expert-tokens {self.min_expert_tokens}: must be a whole number of "
+                                   f"tokens, at least 1")
 
 
 def quantize_config(o: GPTQOptions) -> dict[str, Any]:
@@ -160,6 +166,7 @@ class GPTQPlan(Plan):
     act_dtype: torch.dtype = torch.float32
     quantized: set[str] = field(default_factory=set)  # source weights that are packed
     peak_estimate: int = 0
+    experts: dict[str, Any] = field(default_factory=dict)  # mixture of experts: counts for the summary
 
     def peak_memory_estimate(self) -> int:
         return self.peak_estimate
@@ -176,6 +183,11 @@ class GPTQPlan(Plan):
             "decoder layers": f"{self.num_layers} (largest {human_bytes(self.layer_bytes)} on disk)",
             "quantized linears": len(self.quantized),
         }
+        if self.experts:
+            x = self.experts
+            out["routed experts"] = (f"{x['per_layer']} per layer (top-{x['used']}), {x['linears']} linears; "
+                                     f"round-to-nearest below {o.min_expert_tokens} routed calibration tokens")
+            out["kept in the source dtype"] = ", ".join(x["kept"])
         return {**out, **super().summary()}
 
     def fingerprint(self) -> str:
@@ -189,18 +201,24 @@ class GPTQPlan(Plan):
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _memory_estimate(model: HFModel, arch, o: GPTQOptions, act_dtype: torch.dtype, layer_bytes: int) -> int:
+def _memory_estimate(model: HFModel, arch, o: GPTQOptions, act_dtype: torch.dtype, layer_bytes: int,
+                     expert_shape: tuple[int, int] | None = None) -> int:
     """Activations twice (a layer's inputs and outputs), the layer in float32, the largest
-    Hessian with its factorisations, and one batch of working tensors."""
+    Hessian with its factorisations, and one batch of working tensors. A mixture of experts
+    holds one Hessian per routed expert of a group at once ([ffn, hidden] of an expert)."""
     cfg = model.config
     hidden = int(cfg["hidden_size"])
     widest = max(hidden, int(cfg.get("intermediate_size") or hidden))
+    experts = 0
+    if expert_shape is not None:
+        count = int(cfg[arch.extra["experts"]["count"]])
+        experts = count * max(expert_shape) ** 2 * 4
     acts = o.samples * o.seq_len * hidden * torch.empty((), dtype=act_dtype).element_size()
     itemsize = model.tensors.info(arch.layer_tensor(arch.linear_roles()[0], 0)).dtype.itemsize
     layer_f32 = layer_bytes * 4 // itemsize
     hessian = 4 * widest * widest * 4
     batch = max(o.seq_len, BATCH_TOKENS) * widest * 4 * 4  # MLP gate, up, activation, product
-    return int(GPTQ_BASE_MEMORY + 2 * acts + layer_f32 + hessian + batch)
+    return int(GPTQ_BASE_MEMORY + 2 * acts + layer_f32 + hessian + experts + batch)
 
 
 def plan_gptq(src: Path, out: Path, options: GPTQOptions) -> GPTQPlan:
@@ -213,6 +231,13 @@ def plan_gptq(src: Path, out: Path, options: GPTQOptions) -> GPTQPlan:
     arch = model.arch
     reader = model.tensors
     num_layers = arch.num_layers(model.config)
+    moe = experts_module(arch) is not None
+    if arch.extra.get("experts") and not moe:
+        raise UnsupportedError(f"{model.path / 'config.json'}: {arch.name} has routed experts but its converter names "
+                               f"no [gptq] experts_module, so xquant gptq cannot quantize them")
+    if moe and options.engine == "optimum":
+        raise UnsupportedError(f"--engine optimum: optimum's GPTQ cannot quantize {arch.hf_architectures[0]}'s routed "
+                               f"experts (transformers fuses them into 3-D parameters); use --engine xquant")
     n_pos = model.config.get("max_position_embeddings")
     if n_pos and options.seq_len > int(n_pos):
         raise UnsupportedError(f"--seq-len {options.seq_len}: longer than the model's context "
@@ -229,7 +254,7 @@ def plan_gptq(src: Path, out: Path, options: GPTQOptions) -> GPTQPlan:
     for i in range(num_layers):
         head = f"{arch.layers_module}.{i}."
         layer_bytes = max(layer_bytes, sum(reader.info(n).nbytes for n in reader.names() if n.startswith(head)))
-        for ref in layer_linears(arch, reader, i):
+        for ref in layer_linears(arch, reader, i, model.config):
             info = reader.info(ref.weight)
             if len(info.shape) != 2 or info.dtype not in FLOAT_DTYPES:
                 raise UnsupportedError(f"{ref.weight}: expected a 2-D floating-point weight, found "
@@ -287,7 +312,21 @@ def plan_gptq(src: Path, out: Path, options: GPTQOptions) -> GPTQPlan:
         act_dtype=act_dtype,
         quantized=quantized,
     )
-    plan.peak_estimate = _memory_estimate(model, arch, o, act_dtype, layer_bytes)
+    expert_shape = None
+    if moe:
+        spec = arch.extra["experts"]
+        expert_linears = {n for i in range(num_layers) for names in arch.expert_tensors(i, model.config).values()
+                          for n in names} & quantized
+        expert_shape = tuple(reader.info(arch.expert_tensors(0, model.config)["gate"][0]).shape)
+        # 2-D layer weights left as they are: the router and the shared expert's 1-row gate.
+        kept = sorted({n[len(f"{arch.layers_module}.{arch.layer_of(n)}."):] for n in reader.names()
+                       if arch.layer_of(n) is not None and n.endswith(".weight") and n not in quantized
+                       and len(reader.info(n).shape) == 2})
+        plan.experts = {"per_layer": model.config[spec["count"]], "used": model.config.get(spec["used"]),
+                        "linears": len(expert_linears), "kept": kept}
+        plan.notes.append("routed experts: each one's Hessian from the calibration tokens the router sends it; "
+                          "the router and 1-row gates stay unquantized")
+    plan.peak_estimate = _memory_estimate(model, arch, o, act_dtype, layer_bytes, expert_shape)
     plan.notes.append(f"activations kept in {dtype_name(act_dtype)}, layers computed in float32 on {o.device}")
     plan.notes.append(f"resume state (kept until the artifact is complete): {state_files.path}")
     return plan

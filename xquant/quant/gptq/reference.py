@@ -1,7 +1,8 @@
 """The exact float model a GPTQ checkpoint stands for, built with xquant's own dequantizer.
 
 Used as the reference a GPTQ loader's logits are compared with, and by the evaluation runtime
-when no GPTQ loader (optimum + gptqmodel) is installed. Reads tensor by tensor; the model it
+when no GPTQ loader (optimum + gptqmodel) is installed. Routed experts (stored per expert) are
+stacked into the fused parameters transformers' MoE classes hold. Reads tensor by tensor; the model it
 returns is, of course, whole.
 """
 
@@ -14,6 +15,7 @@ import torch
 from ...errors import ShapeError, UnsupportedError
 from ...io.readers import open_hf_tensors
 from ...model import read_json
+from .moe import fuse_experts
 from .pack import SUFFIXES, dequantize
 
 
@@ -59,6 +61,11 @@ def load_dequantized(path: Path, device: str = "cpu", dtype: torch.dtype = torch
     with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers real
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     state = dequantized_tensors(path, dtype)
+    # A mixture of experts: transformers holds the routed experts fused; the checkpoint per expert.
+    from ...arch import for_config
+
+    fuse_experts(state, for_config(read_json(path / "config.json"), str(path / "config.json")),
+                 {**config, "model_type": model_type}, set(model.state_dict()))
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.missing_keys:
         raise ShapeError(f"{path}: no tensor for '{result.missing_keys[0]}'")

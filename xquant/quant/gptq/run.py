@@ -39,6 +39,7 @@ class GPTQResult:
     seconds: float
     layers: list[dict[str, Any]] = field(default_factory=list)
     resumed_at: int | None = None  # first layer computed by this run when it continued a state
+    experts: dict[str, Any] | None = None  # mixture of experts: expert_summary()
 
 
 def run_gptq(plan: GPTQPlan, force: bool = False, resume: bool = False) -> GPTQResult:
@@ -58,11 +59,25 @@ def run_gptq(plan: GPTQPlan, force: bool = False, resume: bool = False) -> GPTQR
     _walk(plan, state)
     plan.provenance.extra["gptq"] = {"engine": "xquant", "resumed_at_layer": start or None,
                                      "layers": state.stats}
+    if plan.experts:
+        plan.provenance.extra["gptq"]["experts"] = expert_summary(state.stats, plan.options.min_expert_tokens)
     with atomic_dir(plan.out, plan.provenance, force=force) as art:
         write_jobs(art.path, plan, art.hashes)
     state.remove()
     return GPTQResult(plan.out.resolve(), "xquant", round(time.perf_counter() - t0, 2), state.stats,
-                      start or None)
+                      start or None, plan.provenance.extra["gptq"].get("experts"))
+
+
+def expert_summary(stats: list[dict[str, Any]], min_tokens: int) -> dict[str, Any]:
+    """The manifest's `gptq.experts`: how many routed experts were rounded to nearest (fewer than
+    `min_tokens` calibration tokens routed to them), of how many; per layer, the token count of
+    each expert (the layers' own stats also say which ones)."""
+    layers = [s for s in stats if "experts" in s]
+    rtn = sum(e["rtn"] for s in layers for e in s["experts"])
+    total = sum(len(s["experts"]) for s in layers)
+    return {"total": total, "rtn": rtn, "min_tokens": min_tokens,
+            "per_layer": [{"layer": s["layer"], "rtn": [i for i, e in enumerate(s["experts"]) if e["rtn"]],
+                           "tokens": [e["tokens"] for e in s["experts"]]} for s in layers]}
 
 
 def _walk(plan: GPTQPlan, state: ResumeState) -> None:
@@ -72,7 +87,7 @@ def _walk(plan: GPTQPlan, state: ResumeState) -> None:
         return
     reader = plan.model.tensors
     walker = LayerWalker(plan.model.config, plan.model.arch, reader, o.spec(), o.true_sequential, o.device,
-                         plan.act_dtype)
+                         plan.act_dtype, o.min_expert_tokens)
     if state.has_inputs():
         inputs = state.load_inputs()
     else:

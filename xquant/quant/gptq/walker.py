@@ -8,7 +8,11 @@ group sees inputs computed with the earlier groups already quantized), and final
 outputs are recomputed with all its weights quantized: those are the next layer's inputs.
 
 The transformers classes are data too: an architecture's TOML may name them in a [gptq]
-section (config_class, decoder_layer, rotary_embedding); LLaMA's are the default.
+section (config_class, decoder_layer, rotary_embedding); LLaMA's are the default. A [gptq]
+`sequential` overrides the registry's groups (a mixture of experts lists "experts.gate" etc.: that
+role of every routed expert; moe.py swaps the fused experts for per-expert Linears). A routed
+expert that the router sent fewer than `min_expert_tokens` calibration tokens is rounded to
+nearest instead: a Hessian from a handful of tokens fits those tokens, not the expert.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from ...arch import Architecture
 from ...errors import ShapeError, UnsupportedError
 from ...io.dtypes import FLOAT_DTYPES
 from ...io.readers import TensorReader
-from .core import QuantSpec, gptq_quantize
+from .core import QuantSpec, gptq_quantize, rtn_quantize
+from .moe import EXPERT_PREFIX, gptq_spec, unfuse_experts
 from .pack import pack_linear
 
 LLAMA_CLASSES = {
@@ -33,6 +38,7 @@ LLAMA_CLASSES = {
     "rotary_embedding": "transformers.models.llama.modeling_llama.LlamaRotaryEmbedding",
 }
 BATCH_TOKENS = 4096  # tokens per forward batch: bounds the attention / MLP working memory
+MIN_EXPERT_TOKENS = 32  # default: routed experts that see fewer calibration tokens get round-to-nearest
 
 
 def _import(dotted: str):
@@ -44,29 +50,59 @@ def _import(dotted: str):
 class LinearRef:
     """One quantized linear of a layer: its role, checkpoint name, and module path in the layer."""
 
-    role: str
+    role: str  # a registry role ("q"), or "experts.<e>.<role>" for a routed expert's linear
     weight: str  # e.g. model.layers.3.self_attn.q_proj.weight
     module: str  # e.g. self_attn.q_proj
     bias: str | None = None
+    expert: int | None = None  # the routed expert's index
 
     @property
     def prefix(self) -> str:
         return self.weight.removesuffix(".weight")
 
 
-def layer_linears(arch: Architecture, reader: TensorReader, i: int) -> list[LinearRef]:
-    """The quantized linears of decoder layer i, in true-sequential order."""
+def sequential(arch: Architecture) -> tuple[tuple[str, ...], ...]:
+    """The true-sequential groups GPTQ uses: `[gptq] sequential` when the TOML has one (it may
+    differ from int8/NF4's [quant] list: a MoE keeps its 1-row shared-expert gate in float), else
+    the registry's."""
+    own = gptq_spec(arch).get("sequential")
+    return tuple(tuple(g) for g in own) if own else arch.sequential
+
+
+def layer_groups(arch: Architecture, reader: TensorReader, i: int, config: dict | None = None
+                 ) -> list[list[LinearRef]]:
+    """The quantized linears of decoder layer i, in true-sequential groups (routed experts expanded)."""
     head = f"{arch.layers_module}.{i}."
-    refs = []
-    for role in arch.linear_roles():
-        name = arch.layer_tensor(role, i)
+    experts: dict[str, list[str]] | None = None
+
+    def ref(role: str, name: str, expert: int | None = None) -> LinearRef:
         if name not in reader:
             raise ShapeError(f"{reader.root}: decoder layer {i} has no '{name}' (role '{role}')")
         if not (name.startswith(head) and name.endswith(".weight")):
             raise UnsupportedError(f"{name}: a quantized linear must be '<layer>.<module>.weight'")
         bias = name.removesuffix(".weight") + ".bias"
-        refs.append(LinearRef(role, name, name[len(head):-len(".weight")], bias if bias in reader else None))
-    return refs
+        return LinearRef(role, name, name[len(head):-len(".weight")], bias if bias in reader else None, expert)
+
+    groups = []
+    for group in sequential(arch):
+        refs = []
+        for role in group:
+            if not role.startswith(EXPERT_PREFIX):
+                refs.append(ref(role, arch.layer_tensor(role, i)))
+                continue
+            if experts is None:
+                experts = arch.expert_tensors(i, config or {})
+            sub = role[len(EXPERT_PREFIX):]
+            if sub not in experts:
+                raise UnsupportedError(f"{arch.name}: [gptq] sequential names '{role}' but [experts] has no '{sub}'")
+            refs += [ref(f"{EXPERT_PREFIX}{e}.{sub}", name, e) for e, name in enumerate(experts[sub])]
+        groups.append(refs)
+    return groups
+
+
+def layer_linears(arch: Architecture, reader: TensorReader, i: int, config: dict | None = None) -> list[LinearRef]:
+    """The quantized linears of decoder layer i, in true-sequential order."""
+    return [r for group in layer_groups(arch, reader, i, config) for r in group]
 
 
 @dataclass
@@ -124,9 +160,12 @@ class LayerWalker:
     """Builds and runs one decoder layer at a time; knows nothing about files it writes."""
 
     def __init__(self, config: dict, arch: Architecture, reader: TensorReader, spec: QuantSpec,
-                 true_sequential: bool = True, device: str = "cpu", act_dtype: torch.dtype = torch.float32):
-        classes = {**LLAMA_CLASSES, **arch.extra.get("gptq", {})}
+                 true_sequential: bool = True, device: str = "cpu", act_dtype: torch.dtype = torch.float32,
+                 min_expert_tokens: int = MIN_EXPERT_TOKENS):
+        classes = {**LLAMA_CLASSES, **{k: v for k, v in gptq_spec(arch).items() if k in LLAMA_CLASSES}}
         cfg_dict = {k: v for k, v in config.items() if k != "quantization_config"}
+        self.config_dict = cfg_dict
+        self.min_expert_tokens = min_expert_tokens
         self.config = _import(classes["config_class"])(**cfg_dict)
         self.config._attn_implementation = "sdpa"  # causal via is_causal, without a mask tensor
         self.layer_cls = _import(classes["decoder_layer"])
@@ -160,6 +199,7 @@ class LayerWalker:
         names = [n for n in self.reader.names() if n.startswith(head) and not n.endswith(self._skip)]
         with torch.device("meta"):
             layer = self.layer_cls(self.config, i)
+        unfuse_experts(layer, self.arch, self.config_dict, self.reader, i)  # MoE: per-expert Linears
         expected = set(layer.state_dict())
         state = {}
         for name in names:
@@ -202,49 +242,77 @@ class LayerWalker:
                 outputs[sl] = out.to("cpu", self.act_dtype)
 
     @torch.inference_mode()
-    def collect_hessians(self, layer, inputs: torch.Tensor, modules: dict[str, torch.nn.Module]
-                         ) -> dict[str, torch.Tensor]:
-        """role -> H = 2/n Σ xxᵀ of the inputs reaching each module, running the layer only as
-        far as the last of them (the rest of the forward pass is not needed)."""
+    def collect(self, layer, inputs: torch.Tensor, modules: dict[str, torch.nn.Module]
+                ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """(role -> H = 2/n Σ xxᵀ, role -> n) over the inputs reaching each module, running the
+        layer only as far as the last of them (the rest of the forward pass is not needed). A
+        routed expert the router never chose has no entry in either."""
         hooks = _Hessians(modules, stop_early=True)
         try:
             self.forward_all(layer, inputs, None, hooks)
         finally:
             hooks.remove()
         made: dict[int, torch.Tensor] = {}  # linears sharing an input share one H
-        out = {}
+        out, counts = {}, {}
         for role in modules:
-            acc = hooks.sums[role]
+            acc = hooks.sums.get(role)
+            if acc is None:
+                continue
             if id(acc) not in made:
-                made[id(acc)] = acc[0] * (2.0 / acc[1])
-            out[role] = made[id(acc)]
-        return out
+                made[id(acc)] = acc[0].mul_(2.0 / acc[1])
+            out[role], counts[role] = made[id(acc)], acc[1]
+        return out, counts
+
+    def collect_hessians(self, layer, inputs: torch.Tensor, modules: dict[str, torch.nn.Module]
+                         ) -> dict[str, torch.Tensor]:
+        """role -> H = 2/n Σ xxᵀ of the inputs reaching each module."""
+        return self.collect(layer, inputs, modules)[0]
 
     @torch.inference_mode()
     def run_layer(self, i: int, inputs: torch.Tensor) -> LayerResult:
         """Quantize decoder layer i given its inputs; returns its packed tensors and outputs."""
         t0 = time.perf_counter()
-        linears = {ref.role: ref for ref in layer_linears(self.arch, self.reader, i)}
+        groups = layer_groups(self.arch, self.reader, i, self.config_dict)
+        if not self.true_sequential:
+            groups = [[ref for group in groups for ref in group]]
         layer = self.load_layer(i)
-        modules = {role: layer.get_submodule(ref.module) for role, ref in linears.items()}
-        groups = list(self.arch.sequential) if self.true_sequential else [tuple(self.arch.linear_roles())]
         tensors: dict[str, torch.Tensor] = {}
         stats: dict[str, Any] = {"layer": i, "linears": {}}
+        experts: dict[int, dict[str, Any]] = {}  # expert -> {"tokens", "rtn", "loss"}
         for group in groups:
-            hessians = self.collect_hessians(layer, inputs, {r: modules[r] for r in group})
-            for role in group:
-                ref, module = linears[role], modules[role]
+            modules = {ref.role: layer.get_submodule(ref.module) for ref in group}
+            hessians, counts = self.collect(layer, inputs, modules)
+            for ref in group:
+                module = modules[ref.role]
                 t1 = time.perf_counter()
-                qw = gptq_quantize(module.weight.data, hessians.pop(role), self.spec, ref.weight)
+                H = hessians.pop(ref.role, None)
+                if ref.expert is not None:
+                    e = experts.setdefault(ref.expert, {"tokens": counts.get(ref.role, 0), "rtn": False, "loss": 0.0})
+                    # Decided on the expert's first group and kept for its other linears (the
+                    # routing, hence the count, is the same for both groups).
+                    e["rtn"] = e["rtn"] or H is None or e["tokens"] < self.min_expert_tokens
+                    if e["rtn"]:
+                        qw = rtn_quantize(module.weight.data, self.spec)
+                        e["loss"] = None
+                        H = None
+                if H is not None:
+                    qw = gptq_quantize(module.weight.data, H, self.spec, ref.weight)
+                del H
                 module.weight.data = qw.weight.to(self.device)
                 for suffix, t in pack_linear(qw, self.spec.bits).items():
                     tensors[f"{ref.prefix}.{suffix}"] = t
                 if ref.bias is not None:
                     tensors[ref.bias] = module.bias.data.to("cpu", torch.float16)
-                stats["linears"][role] = {"loss": round(qw.loss, 6), "damp": qw.damp,
-                                          "seconds": round(time.perf_counter() - t1, 3)}
+                if ref.expert is None:
+                    stats["linears"][ref.role] = {"loss": round(qw.loss, 6), "damp": qw.damp,
+                                                  "seconds": round(time.perf_counter() - t1, 3)}
+                elif experts[ref.expert]["loss"] is not None:
+                    experts[ref.expert]["loss"] = round(experts[ref.expert]["loss"] + qw.loss, 6)
+        if experts:
+            # Per routed expert: calibration tokens routed to it, and whether it was rounded to nearest.
+            stats["experts"] = [experts[e] for e in sorted(experts)]
         outputs = torch.empty_like(inputs)
         self.forward_all(layer, inputs, outputs)
-        del layer, modules
+        del layer
         stats["seconds"] = round(time.perf_counter() - t0, 3)
         return LayerResult(tensors, outputs, stats)
