@@ -54,6 +54,23 @@ def test_dry_run_lists_steps(tiny_model, tmp_path):
     plan = json.loads(run_cli("run", recipe, "--workdir", tmp_path / "w", "--dry-run", "--json", check=True).stdout)
     assert [s["step"] for s in plan["steps"]] == STEPS
     assert all(s["status"] == "to do" for s in plan["steps"]) and not (tmp_path / "w").exists()
+    # every step estimated, the later ones on a stand-in for the converted checkpoint
+    assert all(s["size"] != "?" and s["peak memory"] != "?" for s in plan["steps"]), plan["steps"]
+    assert "GiB" in plan["summary"]["peak memory"] or "MiB" in plan["summary"]["peak memory"]
+    assert "stand-in" in plan["summary"]["note"] and "of outputs" in plan["summary"]["disk estimate"]
+
+
+_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def _bytes(text: str) -> float:
+    number, unit = text.split()
+    return float(number) * _UNITS[unit]
+
+
+def _size(path: Path) -> int:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files if "manifest" not in p.name)
 
 
 def test_interrupted_run_resumes_to_the_same_files(tiny_model, tmp_path):
@@ -65,7 +82,11 @@ def test_interrupted_run_resumes_to_the_same_files(tiny_model, tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text(RECIPE.format(src=tiny_model))
     whole = tmp_path / "whole"
+    estimated = json.loads(run_cli("run", recipe, "--workdir", whole, "--dry-run", "--json", check=True).stdout)
     run_cli("run", recipe, "--workdir", whole, check=True)
+    for s in estimated["steps"]:  # the dry run's sizes, planned before any input existed, hold
+        actual = _size(Path(s["to"]))
+        assert abs(_bytes(s["size"]) - actual) <= 0.1 * actual + 2**16, (s["step"], s["size"], actual)
 
     cut = tmp_path / "cut"
     gptq_out = cut / "gptq-4bit-g128"

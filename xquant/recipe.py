@@ -47,58 +47,84 @@ from .io.output import read_manifest
 
 STEP_FILE = ".xquant-step-{name}.json"
 
-# Step kinds: name -> (function(src, out, options, force) running it, default output name).
-_STEPS: dict[str, tuple[Callable[[Path, Path, dict[str, Any], bool], None], Callable[[dict], str]]] = {}
+
+@dataclass(frozen=True)
+class StepKind:
+    """How a recipe step is planned and carried out: the same library calls the commands make.
+
+    `plan(src, out, options, estimate)` returns the command's plan (a pure value: output tensors,
+    sizes, memory estimate); `estimate=True` when it is only for `--dry-run` on a stand-in input
+    (see estimate.py), so checks that read tensor values are skipped. `run(plan, force)` executes it.
+    """
+
+    plan: Callable[[Path, Path, dict[str, Any], bool], Any]
+    run: Callable[[Any, bool], None]
+    default_name: Callable[[dict], str]
 
 
-def step_kind(kind: str, default_name: Callable[[dict], str]):
-    def deco(fn):
-        _STEPS[kind] = (fn, default_name)
-        return fn
+_STEPS: dict[str, StepKind] = {}
+
+
+def _execute(plan: Any, force: bool) -> None:
+    from .pipeline import execute
+
+    execute(plan, force=force)
+
+
+def _execute_gguf(plan: Any, force: bool) -> None:
+    from .gguf.writer import execute
+
+    execute(plan, force=force)
+
+
+def _run_gptq(plan: Any, force: bool) -> None:
+    from .quant.gptq.run import run_gptq
+
+    run_gptq(plan, force=force, resume=True)
+
+
+def step_kind(kind: str, default_name: Callable[[dict], str], run: Callable[[Any, bool], None] = _execute):
+    def deco(plan_fn):
+        _STEPS[kind] = StepKind(plan_fn, run, default_name)
+        return plan_fn
 
     return deco
 
 
 @step_kind("hf", lambda o: f"hf-{o.get('dtype', 'float16')}")
-def _hf(src: Path, out: Path, o: dict[str, Any], force: bool) -> None:
+def _hf(src: Path, out: Path, o: dict[str, Any], estimate: bool):
     from .convert import plan_convert
-    from .pipeline import execute
 
-    execute(plan_convert(src, out, o.get("dtype"), o.get("max_shard_size", "5GB"), o.get("context")), force=force)
+    return plan_convert(src, out, o.get("dtype"), o.get("max_shard_size", "5GB"), o.get("context"))
 
 
 @step_kind("int8", lambda o: "int8")
-def _int8(src: Path, out: Path, o: dict[str, Any], force: bool) -> None:
-    from .pipeline import execute
+def _int8(src: Path, out: Path, o: dict[str, Any], estimate: bool):
     from .quant.bnb import plan_int8
 
-    execute(plan_int8(src, out, threshold=o.get("threshold", 6.0), skip_modules=o.get("skip_modules")), force=force)
+    return plan_int8(src, out, threshold=o.get("threshold", 6.0), skip_modules=o.get("skip_modules"))
 
 
 @step_kind("nf4", lambda o: "nf4")
-def _nf4(src: Path, out: Path, o: dict[str, Any], force: bool) -> None:
-    from .pipeline import execute
+def _nf4(src: Path, out: Path, o: dict[str, Any], estimate: bool):
     from .quant.bnb import plan_nf4
 
-    execute(plan_nf4(src, out, compute_dtype=o.get("compute_dtype"), double_quant=o.get("double_quant", False)),
-            force=force)
+    return plan_nf4(src, out, compute_dtype=o.get("compute_dtype"), double_quant=o.get("double_quant", False),
+                    exact=not estimate)
 
 
-@step_kind("gguf", lambda o: f"model-{o.get('outtype', 'f16')}.gguf")
-def _gguf(src: Path, out: Path, o: dict[str, Any], force: bool) -> None:
+@step_kind("gguf", lambda o: f"model-{o.get('outtype', 'f16')}.gguf", run=_execute_gguf)
+def _gguf(src: Path, out: Path, o: dict[str, Any], estimate: bool):
     from .gguf.plan import plan_gguf
-    from .gguf.writer import execute
 
     imatrix = o.get("imatrix")
-    execute(plan_gguf(src, out, o.get("outtype", "f16"), o.get("calibration"),
-                      imatrix_chunks=o.get("imatrix_chunks", 64), imatrix=Path(imatrix) if imatrix else None),
-            force=force)
+    return plan_gguf(src, out, o.get("outtype", "f16"), o.get("calibration"),
+                     imatrix_chunks=o.get("imatrix_chunks", 64), imatrix=Path(imatrix) if imatrix else None)
 
 
-@step_kind("gptq", lambda o: f"gptq-{o.get('bits', 4)}bit-g{o.get('group_size', 128)}")
-def _gptq(src: Path, out: Path, o: dict[str, Any], force: bool) -> None:
+@step_kind("gptq", lambda o: f"gptq-{o.get('bits', 4)}bit-g{o.get('group_size', 128)}", run=_run_gptq)
+def _gptq(src: Path, out: Path, o: dict[str, Any], estimate: bool):
     from .quant.gptq.plan import GPTQOptions, plan_gptq
-    from .quant.gptq.run import run_gptq
 
     opts = dict(o)
     if "calibration" in opts:
@@ -108,16 +134,17 @@ def _gptq(src: Path, out: Path, o: dict[str, Any], force: bool) -> None:
         options = GPTQOptions(**opts)
     except TypeError as e:
         raise UnsupportedError(f"recipe: gptq artifact: {e}") from None
-    run_gptq(plan_gptq(src, out, options), force=force, resume=True)
+    return plan_gptq(src, out, options)
 
 
 @step_kind("apply-delta", lambda o: "merged")
-def _apply_delta(src: Path, out: Path, o: dict[str, Any], force: bool) -> None:
-    from .delta import execute, plan_apply_delta
+def _apply_delta(src: Path, out: Path, o: dict[str, Any], estimate: bool):
+    from .delta import plan_apply_delta
 
-    execute(plan_apply_delta(src, Path(o["delta"]), out, dtype=o.get("dtype"), style=o.get("style"),
-                             expect_sha256=Path(o["expect_sha256"]) if o.get("expect_sha256") else None),
-            force=force)
+    # On a stand-in base (estimate) the values are placeholders: only shapes and config are checked.
+    return plan_apply_delta(src, Path(o["delta"]), out, dtype=o.get("dtype"), style=o.get("style"),
+                            expect_sha256=Path(o["expect_sha256"]) if o.get("expect_sha256") else None,
+                            skip_base_check=estimate)
 
 
 @dataclass
@@ -140,25 +167,56 @@ class RecipePlan:
     steps: list[Step]
     report: dict[str, Any] | None
     notes: list[str] = field(default_factory=list)
+    _estimates: dict[str, Any] | None = field(default=None, repr=False)
 
     title = "xquant run"
 
+    def estimates(self) -> dict[str, Any]:
+        """Each step's output size and peak memory from its own planner (estimate.py); cached."""
+        if self._estimates is None:
+            from .estimate import estimate_steps
+
+            self._estimates = estimate_steps(
+                self.steps, lambda step, src, out, stand_in: _STEPS[step.kind].plan(src, out, step.options, stand_in))
+        return self._estimates
+
     def rows(self) -> list[dict[str, Any]]:
-        return [{"step": s.name, "kind": s.kind, "from": s.src.name, "to": str(s.out),
-                 "options": json.dumps(s.options), "status": "done" if step_done(s) else "to do"}
-                for s in self.steps]
+        est = self.estimates()
+        rows = []
+        for s in self.steps:
+            e = est.get(s.name)
+            rows.append({"step": s.name, "kind": s.kind, "from": s.src.name, "to": str(s.out),
+                         "options": json.dumps(s.options),
+                         "size": human_bytes(e.output_bytes) if e else "?",
+                         "peak memory": human_bytes(e.peak_memory) if e else "?",
+                         "status": "done" if step_done(s) else "to do"})
+        return rows
 
     def summary(self) -> dict[str, Any]:
         from .inspect import inspect_path
 
         try:
             size = inspect_path(self.source)["size_on_disk"]
-        except Exception:  # noqa: BLE001 - the estimate is best effort before the source exists
+        except Exception:  # noqa: BLE001 - the source's own error comes from its step
             size = 0
-        return {"workdir": str(self.workdir), "steps": len(self.steps),
-                "source size": human_bytes(size),
-                "disk estimate": f"about {human_bytes(size * (1 + len(self.steps) * 0.6))} (source + outputs)",
-                "report": "yes" if self.report is not None else "no"}
+        est = self.estimates()
+        outputs = sum(e.output_bytes for e in est.values())
+        temporary = max((e.temporary_bytes for e in est.values()), default=0)
+        out = {"workdir": str(self.workdir), "steps": len(self.steps), "source size": human_bytes(size),
+               "disk estimate": f"{human_bytes(outputs)} of outputs"
+                                + (f" + up to {human_bytes(temporary)} temporary" if temporary else "")
+                                + f" (source: {human_bytes(size)} more if it is on the same disk)"}
+        if est:
+            name, top = max(est.items(), key=lambda kv: kv[1].peak_memory)
+            out["peak memory"] = f"{human_bytes(top.peak_memory)} (step {name}; steps run one at a time)"
+        if any(e.stand_in for e in est.values()):
+            out["note"] = ("steps whose input is made earlier in the run are planned on a stand-in with "
+                           "that input's shapes and config")
+        missing = [s.name for s in self.steps if s.name not in est]
+        if missing:
+            out["not estimated"] = ", ".join(missing) + " (input missing)"
+        out["report"] = "yes" if self.report is not None else "no"
+        return out
 
 
 def _digest(path: Path) -> str:
@@ -226,7 +284,7 @@ def plan_recipe(recipe: dict[str, Any], workdir: Path, base_dir: Path | None = N
         if kind not in _STEPS:
             raise UnsupportedError(f"recipe: artifact {i + 1} has unknown kind '{kind}' (known: {', '.join(sorted(_STEPS))})")
         options = {k: v for k, v in art.items() if k not in ("kind", "name")}
-        name = art.get("name") or _STEPS[kind][1](options)
+        name = art.get("name") or _STEPS[kind].default_name(options)
         steps.append(Step(name, kind, current, workdir / name, options))
     names = [s.name for s in steps]
     if len(set(names)) != len(names):
@@ -243,8 +301,8 @@ def run_recipe(plan: RecipePlan) -> dict[str, Path]:
             info(f"[dim]skip[/] {step.name}: done earlier with the same inputs and options")
         else:
             info(f"[bold cyan]step[/] {step.name} ({step.kind})")
-            fn, _ = _STEPS[step.kind]
-            fn(step.src, step.out, step.options, True)
+            kind = _STEPS[step.kind]
+            kind.run(kind.plan(step.src, step.out, step.options, False), True)
             _step_file(step).write_text(json.dumps({"fingerprint": step.fingerprint(_digest(step.src)),
                                                     "kind": step.kind, "options": step.options}, indent=2))
         outputs[step.name] = step.out
