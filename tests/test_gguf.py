@@ -23,6 +23,7 @@ from helpers import write_safetensors
 from xquant import tiny
 from xquant.calib import load_set
 from xquant.evaluate.perplexity import nll_sum, windows
+from xquant.io.hashing import sha256_file
 from xquant.io.output import MANIFEST_NAME, read_manifest
 from xquant.io.readers import open_hf_tensors
 
@@ -191,6 +192,7 @@ def test_metadata_layout_and_provenance(files, tiny_model):
     # provenance: options, and the source digest the manifest's input hashes give
     manifest = read_manifest(files["q8_0"])
     assert manifest and manifest["command"] == "gguf" and manifest["outputs"][0]["path"] == files["q8_0"].name
+    assert manifest["outputs"][0]["sha256"] == sha256_file(files["q8_0"])  # hashed while it was written
     from xquant.gguf.metadata import source_digest
 
     assert fields["xquant.source_sha256"] == source_digest(manifest["inputs"])
@@ -292,6 +294,8 @@ def test_split_output_loads_and_matches(files, tiny_model, tmp_path, eval_window
         names = [p.name for p in result.paths]
         assert len(names) >= 2 and names[0] == f"split-{kind}-00001-of-{len(names):05d}.gguf", names
         assert not (tmp_path / f"split-{kind}.gguf").exists()
+        for p in result.paths:  # each shard's manifest hash, made while writing (f32) or after (q4_k_m)
+            assert read_manifest(p)["outputs"][0]["sha256"] == sha256_file(p), p.name
         ids = eval_windows[0][:128]
         llm_split, llm_one = load_llama(result.paths[0], **THREADS), load_llama(files[kind], **THREADS)
         try:

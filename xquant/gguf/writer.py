@@ -26,6 +26,7 @@ from gguf import GGMLQuantizationType as Q
 
 from ..console import info, progress
 from ..errors import DiskFullError, OutputError
+from ..io.hashing import FileHasher
 from ..io.output import atomic_file, check_output_path
 from ..io.writer import copy_range
 from .metadata import KV, add_all, provenance_kv, source_digest
@@ -130,8 +131,11 @@ def disk_full_as_error(where: Path) -> Iterator[None]:
         raise
 
 
-def write_stage(plan: GGUFPlan, paths: list[Path], extra_kv: list[KV]) -> None:
-    """Write the plan's tensors (at its stage type) into paths: one per shard, in order."""
+def write_stage(plan: GGUFPlan, paths: list[Path], extra_kv: list[KV]) -> dict[Path, str]:
+    """Write the plan's tensors (at its stage type) into paths: one per shard, in order.
+
+    Returns each file's sha256, computed on one thread per file while it is written (the file is
+    written front to back, so the hasher follows its flushed end)."""
     shards = plan.shards()
     if len(shards) != len(paths):
         raise OutputError(f"{paths[0]}: {len(paths)} paths for {len(shards)} shards")
@@ -142,18 +146,26 @@ def write_stage(plan: GGUFPlan, paths: list[Path], extra_kv: list[KV]) -> None:
         raise OutputError(f"{paths[0]}: gguf-py planned {len(writer.tensors)} shards, xquant {len(shards)}")
     add_all(writer, plan.kv + extra_kv)
     plan.vocab.add_to(writer)
+    hashers: list[FileHasher] = []
+    read_fds: list[int] = []
     try:
         writer.write_header_to_file(path=paths[0])
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         assert writer.fout is not None
+        for fout, path in zip(writer.fout, paths):  # each shard's header, kv and tensor infos are written by now
+            fout.flush()
+            read_fds.append(os.open(path, os.O_RDONLY))  # gguf-py's file is write-only: no mapping
+            hashers.append(FileHasher(read_fds[-1]))
+            hashers[-1].finished(0, fout.tell())
         layer, kernel_copy = None, True
         with progress(f"writing {plan.stage.name} GGUF", total=len(plan.tensors)) as advance:
-            for fout, shard in zip(writer.fout, shards):
+            for fout, hasher, shard in zip(writer.fout, hashers, shards):
                 for t in shard:
                     if t.layer != layer:  # free pickle mappings of the previous layer
                         plan.reader.release()
                         layer = t.layer
+                    begin = fout.tell()
                     _pad(fout, writer.data_alignment)
                     src = passthrough(plan, t) if kernel_copy else None
                     if src is None or not _copy_into(fout, src, t.nbytes):
@@ -161,10 +173,21 @@ def write_stage(plan: GGUFPlan, paths: list[Path], extra_kv: list[KV]) -> None:
                         arr = produce(plan, t)
                         fout.write(memoryview(arr).cast("B"))
                         del arr
+                    fout.flush()
+                    hasher.finished(begin, fout.tell())
                     advance()
+                begin = fout.tell()
                 _pad(fout, writer.data_alignment)
                 fout.flush()
+                hasher.finished(begin, fout.tell())
+        digests = {path: hasher.digest(fout.tell()) for path, fout, hasher in zip(paths, writer.fout, hashers)}
+        hashers = []
+        return digests
     finally:
+        for hasher in hashers:  # only after a failure: they were emptied once digested
+            hasher.cancel()
+        for fd in read_fds:
+            os.close(fd)
         plan.reader.release()
         writer.close()
 
@@ -211,10 +234,11 @@ def execute(plan: GGUFPlan, force: bool = False, threads: int | None = None) -> 
             tmp = stack.enter_context(atomic_file(imatrix_out, plan.provenance, force))
             with disk_full_as_error(imatrix_out):
                 matrix.save(tmp)
-        tmps = [stack.enter_context(atomic_file(p, plan.provenance, force)) for p in outs]
+        known: dict[Path, str] = {}
+        tmps = [stack.enter_context(atomic_file(p, plan.provenance, force, known)) for p in outs]
         if not plan.outtype.by_llama_cpp and plan.stage is plan.outtype:
             with disk_full_as_error(outs[0]):
-                write_stage(plan, tmps, extra)
+                known.update(write_stage(plan, tmps, extra))
         else:
             _write_via_llama_cpp(plan, outs, tmps, extra, matrix, threads, stack)
     return GGUFResult(outs, plan.outtype.name, sum(p.stat().st_size for p in outs), len(plan.tensors),

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from .. import __version__
 from ..errors import DiskFullError, OutputError
-from .hashing import sha256_cached, sha256_file
+from .hashing import sha256_cached_many, sha256_file
 
 MANIFEST_NAME = "xquant-manifest.json"
 
@@ -56,18 +56,12 @@ class Provenance:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def input_records(self) -> list[dict[str, Any]]:
-        records = []
+        files: list[Path] = []
         for root in self.inputs:
-            files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-            for p in files:
-                if p.name.startswith(".") or MANIFEST_NAME in p.name:
-                    continue
-                records.append({
-                    "path": str(p.resolve()),
-                    "size": p.stat().st_size,
-                    "sha256": sha256_cached(p),
-                })
-        return records
+            found = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+            files += [p for p in found if not (p.name.startswith(".") or MANIFEST_NAME in p.name)]
+        digests = sha256_cached_many(files)
+        return [{"path": str(p.resolve()), "size": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)]
 
 
 def _jsonable(value: Any) -> Any:
@@ -159,15 +153,20 @@ def atomic_dir(target: Path, prov: Provenance, force: bool = False) -> Iterator[
 
 
 @contextlib.contextmanager
-def atomic_file(target: Path, prov: Provenance, force: bool = False) -> Iterator[Path]:
-    """Like atomic_dir for a single-file artifact (GGUF); the manifest is a sidecar file."""
+def atomic_file(target: Path, prov: Provenance, force: bool = False,
+                known_hashes: dict[Path, str] | None = None) -> Iterator[Path]:
+    """Like atomic_dir for a single-file artifact (GGUF); the manifest is a sidecar file.
+
+    A writer that hashed the file while writing it puts the sha256 in `known_hashes` under the
+    yielded temporary path; otherwise the finished file is read once to hash it."""
     target = check_output_path(target, prov.inputs, force)
     tmp = temp_path_for(target)
     sidecar = target.parent / f"{target.name}.{MANIFEST_NAME}"
     _remove(tmp)
     with _removed_on_failure(tmp, target):
         yield tmp
-        manifest = build_manifest(prov, [tmp], tmp.parent)
+        known = {tmp.name: known_hashes[tmp]} if known_hashes and tmp in known_hashes else None
+        manifest = build_manifest(prov, [tmp], tmp.parent, known)
         manifest["outputs"][0]["path"] = target.name
         side_tmp = temp_path_for(sidecar)
         _write_json(side_tmp, manifest)

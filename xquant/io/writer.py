@@ -8,11 +8,8 @@ any order and only the tensor being written is in memory.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import mmap
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import torch
 
 from ..errors import DiskFullError, ShapeError
 from .dtypes import itemsize
+from .hashing import FileHasher
 from .safetensors_file import layout, pwrite_all, tensor_bytes
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -52,80 +50,6 @@ def assign_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[Ten
     return shards
 
 
-class _PrefixHasher:
-    """sha256 of a shard, computed on its own thread over the part of the file already written.
-
-    The writer reports each finished tensor; the hasher follows the longest finished prefix of the
-    file and reads it back through read-only mappings of at most CHUNK bytes (page-cache pages, no
-    copy). So it never holds a caller's tensor, its resident memory stays bounded, tensors may
-    finish in any order (the prefix waits for the gap), and with one hasher per shard the shards
-    are hashed in parallel while later tensors are still being written. hashlib releases the GIL.
-    """
-
-    CHUNK = 64 << 20
-
-    def __init__(self, fd: int, head: bytes, size: int):
-        self._fd, self._size = fd, size
-        self._h = hashlib.sha256(head)
-        self._hashed = self._ready = len(head)
-        self._pending: dict[int, int] = {}  # finished spans beyond the prefix: begin -> end
-        self._cond = threading.Condition()
-        self._closing = self._cancelled = False
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="xquant-sha256", daemon=True)
-        self._thread.start()
-
-    def finished(self, begin: int, end: int) -> None:
-        if end <= begin:
-            return
-        with self._cond:
-            self._pending[begin] = end
-            while self._ready in self._pending:
-                self._ready = self._pending.pop(self._ready)
-            self._cond.notify()
-
-    def _run(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    while self._ready <= self._hashed and not (self._closing or self._cancelled):
-                        self._cond.wait()
-                    if self._cancelled or self._ready <= self._hashed:
-                        return
-                    target = self._ready
-                while self._hashed < target:
-                    self._update(self._hashed, min(self.CHUNK, target - self._hashed))
-                    self._hashed += min(self.CHUNK, target - self._hashed)
-        except BaseException as e:  # reported by digest()
-            self._error = e
-
-    def _update(self, offset: int, n: int) -> None:
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        m = mmap.mmap(self._fd, offset + n - start, access=mmap.ACCESS_READ, offset=start)
-        try:
-            with memoryview(m) as whole, whole[offset - start:] as part:
-                self._h.update(part)
-        finally:
-            m.close()
-
-    def digest(self) -> str:
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        if self._hashed != self._size:
-            raise RuntimeError(f"sha256 covered {self._hashed} of {self._size} bytes")  # a writer bug
-        return self._h.hexdigest()
-
-    def cancel(self) -> None:
-        with self._cond:
-            self._cancelled = True
-            self._cond.notify()
-        self._thread.join()
-
-
 class _Shard:
     def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None):
         self.path = path
@@ -135,7 +59,7 @@ class _Shard:
         self.written: set[str] = set()
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         _guard(path, lambda: pwrite_all(self.fd, memoryview(head), 0))
-        self.hasher = _PrefixHasher(self.fd, head, self.size)
+        self.hasher = FileHasher(self.fd, head, self.size)
 
     def write(self, name: str, data: memoryview) -> None:
         begin, end = self.offsets[name]
