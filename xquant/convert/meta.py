@@ -50,24 +50,26 @@ class MetaPlan(Plan):
 def _producer(reader: TensorReader, t: MetaTensor, files: list[Path], shape: tuple[int, ...],
               dtype: torch.dtype):
     """The job of one output tensor: each shard's slice is read, reordered and cast straight into
-    its place in the output, so only the output and one slice are in memory besides the mapping."""
+    its place in the output, so only the output and one slice are in memory besides the mapping.
+    Slices are read as views of the mapping (`reader.view`), never modified, so no copy is made
+    before the one into the output."""
     n = len(files)
 
     def produce() -> torch.Tensor:
         if t.dim is None:
-            first = reader.get(f"0/{t.meta_name}")
+            first = reader.view(f"0/{t.meta_name}")
             for i in range(1, n):
-                if not torch.equal(first, reader.get(f"{i}/{t.meta_name}")):
+                if not torch.equal(first, reader.view(f"{i}/{t.meta_name}")):
                     raise ShapeError(f"{files[i]}: replicated tensor '{t.meta_name}' differs from its copy in "
                                      f"{files[0].name}")
             return first.to(dtype)
         if n == 1:
-            w = reader.get(f"0/{t.meta_name}")
+            w = reader.view(f"0/{t.meta_name}")
             return (to_hf_rotary(w, t.rotary_heads) if t.rotary_heads else w).to(dtype)
         out = torch.empty(shape, dtype=dtype)
         offset = 0
         for i in range(n):
-            part = reader.get(f"{i}/{t.meta_name}")
+            part = reader.view(f"{i}/{t.meta_name}")
             if t.rotary_heads:  # shards hold whole heads, so each slice is reordered on its own
                 part = to_hf_rotary(part, t.rotary_heads // n)
             size = part.shape[t.dim]

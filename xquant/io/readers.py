@@ -78,6 +78,11 @@ class TensorReader:
         """The tensor's data, in memory owned by the caller."""
         raise NotImplementedError
 
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor's data without a copy where the reader can give one, for reading only: the
+        caller must not modify it (another `view` or `get` of the same name may share it)."""
+        return self.get(name)
+
     def release(self) -> None:
         """Drop any mapping or cache held for earlier reads (called between layers)."""
 
@@ -234,13 +239,14 @@ class _MetaShardsReader(PickleReader):
         self.release()
 
     def get(self, name: str) -> torch.Tensor:
-        info = self.info(name)
-        local = name.split("/", 1)[1]
-        t = self._load(info.file)[local]
         try:
-            return t.clone()
+            return self.view(name).clone()
         except RuntimeError as e:
-            raise CorruptFileError(f"{info.file}: cannot read tensor '{local}' ({e})") from None
+            raise CorruptFileError(f"{self.info(name).file}: cannot read tensor '{name.split('/', 1)[1]}' ({e})") from None
+
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor in the shard's mapping (pages of the page cache, copied on write)."""
+        return self._load(self.info(name).file)[name.split("/", 1)[1]]
 
     def shard_names(self, shard: int) -> list[str]:
         prefix = f"{shard}/"
