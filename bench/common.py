@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from statistics import median
 from pathlib import Path
 
 import torch
@@ -118,3 +119,25 @@ def measure_xquant(*args) -> Timed:
 
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+def print_against_cp(label: str, size: int, cp_runs: list[Run], xq_runs: list[Timed], largest: int) -> None:
+    """Best and median of cp and of xquant (work inside the process, and the whole process), their
+    throughput ratios against the issues' target of 0.5, and peak RSS against 2 x largest + 1 GiB.
+    xquant's first run is left out of the times: it hashes the inputs, later runs use the cache."""
+    later = xq_runs[1:]
+    cp_best, cp_med = min(r.seconds for r in cp_runs), median(r.seconds for r in cp_runs)
+    work, work_med = min(r.work for r in later), median(r.work for r in later)
+    wall, wall_med = min(r.wall.seconds for r in later), median(r.wall.seconds for r in later)
+    rss = max(r.wall.max_rss for r in xq_runs)
+    print(f"cp: best {cp_best:.2f} s ({size / cp_best / 2**20:.0f} MiB/s), median {cp_med:.2f} s")
+    print(f"{label}, work inside the process: best {work:.2f} s ({size / work / 2**20:.0f} MiB/s), "
+          f"median {work_med:.2f} s")
+    print(f"{label}, whole process (+ Python/torch start-up and exit): best {wall:.2f} s, median {wall_med:.2f} s; "
+          f"first run with input hashing {xq_runs[0].wall.seconds:.2f} s")
+    print(f"throughput ratio, work (cp time / xquant time): best {cp_best / work:.2f}, "
+          f"median {cp_med / work_med:.2f}  [target >= 0.5]")
+    print(f"throughput ratio, whole process: best {cp_best / wall:.2f}, median {cp_med / wall_med:.2f}")
+    bound = 2 * largest + 2**30
+    print(f"peak RSS: {gib(rss)} = {rss / largest:.2f} x largest tensor; bound 2 x largest + 1 GiB = {gib(bound)}  "
+          f"[{'ok' if rss <= bound else 'OVER'}]")

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from statistics import median
 
-from common import LLAMA_1B, OUT, Run, Timed, dir_bytes, gib, measure, measure_xquant, synthetic_llama
+from common import LLAMA_1B, OUT, Run, Timed, dir_bytes, gib, measure, measure_xquant, print_against_cp, synthetic_llama
 
 from xquant.delta.fixture import derivative_dir
 from xquant.io.readers import open_hf_tensors
@@ -46,23 +45,8 @@ def main() -> None:
               f"{xq_runs[-1].work:.2f} s of work; cp of the output {cp_runs[-1].seconds:.2f} s"
               + (" (rep 0 includes hashing the inputs once; later reps use the hash cache)" if rep == 0 else ""))
     size = dir_bytes(out)
-    later = xq_runs[1:]
-    cp_best, cp_med = min(r.seconds for r in cp_runs), median(r.seconds for r in cp_runs)
-    work, work_med = min(r.work for r in later), median(r.work for r in later)
-    wall, wall_med = min(r.wall.seconds for r in later), median(r.wall.seconds for r in later)
-    rss = max(r.wall.max_rss for r in xq_runs)
     print(f"output: {gib(size)}; inputs read: {gib(dir_bytes(base) + dir_bytes(delta))}")
-    print(f"cp of the output: best {cp_best:.2f} s ({size / cp_best / 2**20:.0f} MiB/s), median {cp_med:.2f} s")
-    print(f"xquant apply-delta, work inside the process: best {work:.2f} s "
-          f"({size / work / 2**20:.0f} MiB/s written), median {work_med:.2f} s")
-    print(f"xquant apply-delta, whole process (+ start-up and exit): best {wall:.2f} s, median {wall_med:.2f} s; "
-          f"first run with input hashing {xq_runs[0].wall.seconds:.2f} s")
-    print(f"throughput ratio, work (cp time / xquant time): best {cp_best / work:.2f}, "
-          f"median {cp_med / work_med:.2f}  [target >= 0.5]")
-    print(f"throughput ratio, whole process: best {cp_best / wall:.2f}, median {cp_med / wall_med:.2f}")
-    bound = 2 * largest + 2**30
-    print(f"peak RSS: {gib(rss)} = {rss / largest:.2f} x largest tensor; bound 2 x largest + 1 GiB = {gib(bound)}  "
-          f"[{'ok' if rss <= bound else 'OVER'}]")
+    print_against_cp("xquant apply-delta", size, cp_runs, xq_runs, largest)
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(cp_dst, ignore_errors=True)
 

@@ -83,3 +83,15 @@ def tiny_derivative() -> Path:
     report(f"tiny derivative {path.name}: vocabulary {built['vocab'][0]} -> {built['vocab'][1]}, "
            f"{built['spec']['steps']} training steps in {built['train_seconds']} s")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a test module (`pytestmark = pytest.mark.usefixtures(...)`):
+    bitwise-comparable with the one-thread subprocesses, and faster on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .io.safetensors_file import layout
+from .pipeline import Plan, write_side_files
 
 
 @dataclass
@@ -28,25 +29,10 @@ class StepEstimate:
     stand_in: bool = False  # planned on a stand-in for an input that does not exist yet
 
 
-def output_bytes(plan: Any) -> tuple[int, int]:
-    """(bytes of the artifact, bytes written and removed again) for any command's plan."""
-    if hasattr(plan, "estimated_output_bytes"):  # GGUF
-        staged = plan.stage_bytes if plan.outtype.by_llama_cpp else 0
-        return plan.estimated_output_bytes(), staged
-    side = sum(len(str(obj)) for obj in plan.json_files.values()) + sum(
-        p.stat().st_size for p in plan.copy_files if p.exists())
-    return plan.output_bytes + side, 0
-
-
-def write_stand_in(plan: Any, directory: Path) -> Path:
+def write_stand_in(plan: Plan, directory: Path) -> Path:
     """The directory `plan` will write, with its tensors' data as a hole (see the module doc)."""
-    import json
-
     directory.mkdir(parents=True)
-    for name, obj in plan.json_files.items():
-        (directory / name).write_text(json.dumps(obj, ensure_ascii=False))
-    for src in plan.copy_files:
-        os.symlink(src.resolve(), directory / src.name)
+    write_side_files(plan, directory, place=lambda src, dst: os.symlink(src.resolve(), dst))
     specs = [(j.spec.name, tuple(j.spec.shape), j.spec.dtype) for j in plan.jobs]
     head, _ = layout(specs, None)
     data = sum(j.spec.nbytes for j in plan.jobs)
@@ -58,6 +44,9 @@ def write_stand_in(plan: Any, directory: Path) -> Path:
 
 def estimate_steps(steps: list, plan_step: Callable[[Any, Path, Path, bool], Any]) -> dict[str, StepEstimate]:
     """Plan every step (on a stand-in where its input is still to be made); by step name.
+
+    A step's plan is a pipeline `Plan` or a `GGUFPlan`; both give `estimated_output_bytes`,
+    `temporary_bytes` and `peak_memory_estimate`.
 
     `plan_step(step, src, out, stand_in)` returns the step's plan for input `src` and output path
     `out` (inside a scratch directory: the work directory may not exist before the run). A
@@ -75,8 +64,8 @@ def estimate_steps(steps: list, plan_step: Callable[[Any, Path, Path, bool], Any
             scratch = Path(tmp) / f"{i}-out"
             scratch.mkdir()
             plan = plan_step(step, src, scratch / step.out.name, src != step.src)
-            size, temporary = output_bytes(plan)
-            out[step.name] = StepEstimate(size, int(plan.peak_memory_estimate()), temporary, src != step.src)
+            out[step.name] = StepEstimate(plan.estimated_output_bytes(), int(plan.peak_memory_estimate()),
+                                          plan.temporary_bytes(), src != step.src)
             if step.out in feeds and not step.out.exists():
                 stand_ins[step.out] = write_stand_in(plan, Path(tmp) / f"{i}-{step.name}")
     return out

@@ -62,6 +62,15 @@ class Plan:
     def output_bytes(self) -> int:
         return sum(j.spec.nbytes for j in self.jobs)
 
+    def estimated_output_bytes(self) -> int:
+        """The artifact's size on disk: tensor data and side files (shard headers aside)."""
+        return (self.output_bytes + sum(len(_json_text(o).encode()) for o in self.json_files.values())
+                + sum(p.stat().st_size for p in self.copy_files if p.exists()))
+
+    def temporary_bytes(self) -> int:
+        """Disk written and removed again during execution (none: outputs are written once)."""
+        return 0
+
     def peak_memory_estimate(self) -> int:
         """The largest tensor being made times the working factor, two more outputs in flight
         (one queued, one being written: see `_produced`), plus the resident base."""
@@ -182,7 +191,16 @@ def write_jobs(directory: Path, plan: Plan, hashes: dict[str, str]) -> None:
         stop.set()
         writer.abort()
         raise
+    write_side_files(plan, directory)
+
+
+def _json_text(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_side_files(plan: Plan, directory: Path, place: Callable[[Path, Path], Any] = shutil.copy2) -> None:
+    """The plan's JSON files, and its copied files put in place by `place(src, dst)`."""
     for name, obj in plan.json_files.items():
-        (directory / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        (directory / name).write_text(_json_text(obj))
     for src in plan.copy_files:
-        shutil.copy2(src, directory / src.name)
+        place(src, directory / src.name)

@@ -166,7 +166,6 @@ def plan_apply_delta(base: Path, delta: Path, out: Path, dtype: str | None = Non
         readers=[base_m.tensors, delta_m.tensors],
         notes=notes,
         inflight_bytes=max((_inflight(p, out_dtype) for p in pairs), default=0),
-        largest_output=pool.nbytes,
         pool=pool,
     )
     if expect_sha256 is not None:

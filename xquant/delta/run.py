@@ -32,11 +32,11 @@ class DeltaPlan(Plan):
     expected: dict[str, str] | None = None  # output file name -> sha256
     expected_source: Path | None = None
     inflight_bytes: int = 0  # the largest tensor's inputs + output, held at once
-    largest_output: int = 0  # two more of which wait for or go through the writer
     record: dict[str, Any] | None = None  # make-delta: the xquant-delta.json being filled in
 
     def peak_memory_estimate(self) -> int:
-        return int(BASE_MEMORY + self.inflight_bytes + IN_FLIGHT * self.largest_output + 3 * 4 * CHUNK_ELEMENTS)
+        largest_output = max((j.spec.nbytes for j in self.jobs), default=0)  # queued or being written
+        return int(BASE_MEMORY + self.inflight_bytes + IN_FLIGHT * largest_output + 3 * 4 * CHUNK_ELEMENTS)
 
     def running(self):
         return one_thread()

@@ -6,6 +6,7 @@ the metadata keys, the vocabulary, the shard layout and a memory estimate. `--dr
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,10 +48,7 @@ class GGUFTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -107,6 +105,10 @@ class GGUFPlan:
     @property
     def stage_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+    def temporary_bytes(self) -> int:
+        """The unquantized GGUF llama.cpp's quantizer reads, removed after quantizing."""
+        return self.stage_bytes if self.outtype.by_llama_cpp else 0
 
     def estimated_output_bytes(self) -> int:
         if not self.outtype.by_llama_cpp:

@@ -11,6 +11,7 @@ written), so the pool never waits: when every buffer is lent out it hands out fr
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -27,9 +28,7 @@ class BufferPool:
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor, in a pooled buffer when one is free and large enough."""
-        n = dtype.itemsize
-        for d in shape:
-            n *= d
+        n = dtype.itemsize * math.prod(shape)
         block = self._take() if 0 < n <= self.nbytes else None
         if block is None:
             return torch.empty(shape, dtype=dtype)

@@ -11,6 +11,7 @@ refused, never executed.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 import zipfile
@@ -33,10 +34,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -161,13 +159,19 @@ class PickleReader(TensorReader):
             self._loaded[file] = load_pickle_checkpoint(file)
         return self._loaded[file]
 
+    def _key(self, name: str) -> str:
+        """The tensor's name inside its file."""
+        return name
+
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor in its file's mapping (page-cache pages, copied on write)."""
+        return self._load(self.info(name).file)[self._key(name)]
+
     def get(self, name: str) -> torch.Tensor:
-        info = self.info(name)
-        t = self._load(info.file)[name]
         try:
-            return t.clone()
+            return self.view(name).clone()
         except RuntimeError as e:  # a mapped page beyond the end of a truncated file
-            raise CorruptFileError(f"{info.file}: cannot read tensor '{name}' ({e})") from None
+            raise CorruptFileError(f"{self.info(name).file}: cannot read tensor '{self._key(name)}' ({e})") from None
 
     def release(self) -> None:
         self._loaded.clear()
@@ -238,15 +242,8 @@ class _MetaShardsReader(PickleReader):
                 self._infos[f"{i}/{name}"] = TensorInfo(f"{i}/{name}", tuple(t.shape), t.dtype, file)
         self.release()
 
-    def get(self, name: str) -> torch.Tensor:
-        try:
-            return self.view(name).clone()
-        except RuntimeError as e:
-            raise CorruptFileError(f"{self.info(name).file}: cannot read tensor '{name.split('/', 1)[1]}' ({e})") from None
-
-    def view(self, name: str) -> torch.Tensor:
-        """The tensor in the shard's mapping (pages of the page cache, copied on write)."""
-        return self._load(self.info(name).file)[name.split("/", 1)[1]]
+    def _key(self, name: str) -> str:
+        return name.split("/", 1)[1]
 
     def shard_names(self, shard: int) -> list[str]:
         prefix = f"{shard}/"
