@@ -85,6 +85,14 @@ def tiny_derivative() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def moe() -> Path:
+    """The tiny trained mixture of experts (`Qwen2MoeForCausalLM`, fixtures_moe.py), built once per cache."""
+    import fixtures_moe
+
+    return fixtures_moe.moe_dir()
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """torch on one thread for a test module (`pytestmark = pytest.mark.usefixtures(...)`):

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, report, run_cli
-from helpers import write_safetensors
+from helpers import hf_logits, write_safetensors
 from xquant.errors import InputError, UnsupportedError
 from xquant.pipeline import execute
 from xquant.quant import bnb_core as core
@@ -36,11 +36,6 @@ MODES = {
                  dict(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                       llm_int8_skip_modules=["lm_head", "model.layers.0.mlp", "3.self_attn.o_proj"])),
 }
-
-
-def _logits(model) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(IDS).logits.float()
 
 
 def _perplexity(model, tiny_path: Path) -> float:
@@ -70,7 +65,7 @@ def artifacts(tiny_path, tmp_path_factory):
         model = AutoModelForCausalLM.from_pretrained(tiny_path, device_map="cpu",
                                                      quantization_config=BitsAndBytesConfig(**bnb_args))
         model.save_pretrained(root / f"{mode}-transformers")
-        logits = _logits(model)
+        logits = hf_logits(model, IDS)
         del model
         run_cli(args[0], tiny_path, root / f"{mode}-xquant", *args[1:], check=True)
         out[mode] = (root / f"{mode}-xquant", root / f"{mode}-transformers", logits)
@@ -98,7 +93,7 @@ def test_int8_reloads_to_the_same_logits_and_keeps_perplexity(artifacts, tiny_pa
     ours, _, reference_logits = artifacts["int8"]
     model = AutoModelForCausalLM.from_pretrained(ours)  # no quantization_config argument
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear8bitLt"
-    assert torch.equal(_logits(model), reference_logits)
+    assert torch.equal(hf_logits(model, IDS), reference_logits)
     fp32 = _perplexity(AutoModelForCausalLM.from_pretrained(tiny_path), tiny_path)
     ppl = _perplexity(model, tiny_path)
     report(f"int8 (streamed): held-out perplexity {ppl:.3f} vs fp32 {fp32:.3f} "
@@ -113,7 +108,7 @@ def test_nf4_reloads_to_the_same_logits_and_keeps_perplexity(artifacts, tiny_pat
     ours, _, reference_logits = artifacts[mode]
     model = AutoModelForCausalLM.from_pretrained(ours)
     assert type(model.model.layers[1].mlp.down_proj).__name__ == "Linear4bit"
-    assert torch.equal(_logits(model), reference_logits)
+    assert torch.equal(hf_logits(model, IDS), reference_logits)
     if mode == "nf4-dq":
         fp32 = _perplexity(AutoModelForCausalLM.from_pretrained(tiny_path), tiny_path)
         ppl = _perplexity(model, tiny_path)

@@ -147,8 +147,12 @@ def test_output_inside_input_and_existing_output(tiny_model, tmp_path):
     assert sorted(p.name for p in m.iterdir()) == before
     (tmp_path / "exists").mkdir()
     assert_one_line_error(run_cli("convert", m, tmp_path / "exists"), "already exists", "--force")
-    run_cli("convert", m, tmp_path / "exists", "--force", check=True)
-    assert (tmp_path / "exists" / "model.safetensors").exists()
+    # --force replaces only an artifact xquant made with the same command, never a user's folder
+    assert_one_line_error(run_cli("convert", m, tmp_path / "exists", "--force"), "not written by xquant")
+    run_cli("convert", m, tmp_path / "made", check=True)
+    run_cli("convert", m, tmp_path / "made", "--force", "--dtype", "float16", check=True)
+    assert (tmp_path / "made" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "made" / "xquant-manifest.json").read_text())["options"]["dtype"] == "float16"
 
 
 def test_unsupported_architecture_lists_known(tmp_path):

@@ -15,13 +15,14 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, report, run_cli
-from helpers import write_safetensors
+from helpers import copy_model, hf_logits, no_leftovers
 from xquant.delta import execute, plan_apply_delta, plan_make_delta
 from xquant.errors import InputError
 from xquant.io.output import MANIFEST_NAME
 from xquant.io.readers import open_hf_tensors
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+IDS = [1, 15, 200, 7, 1999, 2000, 2100, 2255, 42, 3]  # old and new tokens
 
 
 # ---------------------------------------------------------------- fixtures and helpers
@@ -52,34 +53,13 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return {n: reader.get(n) for n in reader.names()}
 
 
-def _copy_model(src: Path, dst: Path, edit=None, config_edit=None, record: bool = True) -> Path:
-    """A modified copy of an HF directory: edit(tensors) in place, config_edit(config) in place."""
-    dst.mkdir()
-    tensors = _tensors(src)
-    if edit:
-        edit(tensors)
-    write_safetensors(dst, tensors)
-    config = json.loads((src / "config.json").read_text())
-    if config_edit:
-        config_edit(config)
-    (dst / "config.json").write_text(json.dumps(config))
-    for f in src.iterdir():
-        if f.name.startswith("tokenizer") or (record and f.name == "xquant-delta.json"):
-            shutil.copy(f, dst / f.name)
-    return dst
+def _tokenizer(name: str) -> bool:
+    """copy_model's `keep` here: the tokenizer files (no manifest, no delta record)."""
+    return name.startswith("tokenizer")
 
 
-def _logits(path: Path) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    ids = torch.tensor([[1, 15, 200, 7, 1999, 2000, 2100, 2255, 42, 3]])  # old and new tokens
-    with torch.inference_mode():
-        return model(ids).logits
-
-
-def _no_leftovers(parent: Path, allowed: set[str]) -> None:
-    assert {p.name for p in parent.iterdir()} <= allowed, sorted(p.name for p in parent.iterdir())
+def _tokenizer_and_record(name: str) -> bool:
+    return _tokenizer(name) or name == "xquant-delta.json"
 
 
 # ---------------------------------------------------------------- round trips
@@ -104,7 +84,7 @@ def test_fastchat_round_trip_is_bit_exact(base16, delta_fc, tiny_derivative, tmp
         assert got[name].dtype == torch.float32 and torch.equal(got[name], t.float()), name
     config = json.loads((out32 / "config.json").read_text())
     assert config["dtype"] == "float32" and config["vocab_size"] == 2256
-    assert torch.equal(_logits(out32), _logits(tiny_derivative))
+    assert torch.equal(hf_logits(out32, IDS), hf_logits(tiny_derivative, IDS))
 
     out16 = tmp_path / "out16"  # default dtype: the one the delta's config declares (the target's)
     execute(plan_apply_delta(base16, delta_fc, out16))
@@ -158,7 +138,7 @@ def test_ziya_style_round_trip_and_published_delta(base16, tiny_derivative, tmp_
         assert torch.equal(t, target[name].float()), name
 
     # A delta published by Fengshenbang's tools has no xquant-delta.json: --style ziya says how to read it.
-    published = _copy_model(delta, tmp_path / "published", record=False)
+    published = copy_model(delta, tmp_path / "published", keep=_tokenizer)
     run_cli("apply-delta", "--base", base16, "--delta", published, "--out", tmp_path / "out2", "--style", "ziya",
             check=True)
     for name, t in _tensors(tmp_path / "out2").items():
@@ -166,7 +146,7 @@ def test_ziya_style_round_trip_and_published_delta(base16, tiny_derivative, tmp_
     # Read as FastChat would, the whole-stored embedding would be added to the base's: refused.
     proc = run_cli("apply-delta", "--base", base16, "--delta", published, "--out", tmp_path / "out3")
     assert_one_line_error(proc, EMBED, "--style ziya")
-    _no_leftovers(tmp_path, {"delta-ziya", "out", "out32", "published", "out2"})
+    no_leftovers(tmp_path, {"delta-ziya", "out", "out32", "published", "out2"})
 
 
 def test_float16_delta_matches_its_recorded_round_trip(base16, tiny_derivative, tmp_path):
@@ -202,8 +182,8 @@ def test_legacy_bin_base_with_rotary_buffers(base16, delta_fc, tiny_derivative, 
         weight_map.update({n: file for n in part})
     (legacy / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     shutil.copy(base16 / "config.json", legacy / "config.json")
-    delta = _copy_model(delta_fc, tmp_path / "delta", edit=lambda t: t.update(
-        {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq for i in range(4)}))
+    delta = copy_model(delta_fc, tmp_path / "delta", edit=lambda t: t.update(
+        {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq for i in range(4)}), keep=_tokenizer_and_record)
     out = tmp_path / "out"
     execute(plan_apply_delta(legacy, delta, out))
     got, target = _tensors(out), _tensors(tiny_derivative)
@@ -243,7 +223,7 @@ def test_expect_sha256(base16, delta_fc, tmp_path):
     proc = run_cli("apply-delta", "--base", base16, "--delta", delta_fc, "--out", tmp_path / "fourth",
                    "--expect-sha256", bad)
     assert_one_line_error(proc, "model.safetensors", "differs", "bad.sha256")
-    _no_leftovers(tmp_path, {"first", "SHA256SUMS", "second", "sums.json", "third", "bin.sha256", "bad.sha256"})
+    no_leftovers(tmp_path, {"first", "SHA256SUMS", "second", "sums.json", "third", "bin.sha256", "bad.sha256"})
 
 
 # ---------------------------------------------------------------- bad input
@@ -253,11 +233,11 @@ def test_wrong_base_by_config(base16, delta_fc, tmp_path):
     def llama2ish(config):
         config["rms_norm_eps"], config["max_position_embeddings"] = 1e-6, 1024
 
-    other = _copy_model(base16, tmp_path / "other-base", config_edit=llama2ish)
+    other = copy_model(base16, tmp_path / "other-base", config_edit=llama2ish, keep=_tokenizer_and_record)
     proc = run_cli("apply-delta", "--base", other, "--delta", delta_fc, "--out", tmp_path / "out")
     assert_one_line_error(proc, "not the base", "rms_norm_eps", "max_position_embeddings 1024 vs 512")
     plan_apply_delta(other, delta_fc, tmp_path / "out", skip_base_check=True)  # the override plans
-    _no_leftovers(tmp_path, {"other-base"})
+    no_leftovers(tmp_path, {"other-base"})
 
 
 def test_wrong_base_by_content(base16, delta_fc, tiny_derivative, tmp_path):
@@ -268,15 +248,15 @@ def test_wrong_base_by_content(base16, delta_fc, tiny_derivative, tmp_path):
         for name, t in tensors.items():
             tensors[name] = (torch.randn(t.shape, generator=g) * t.float().std()).to(t.dtype)
 
-    other = _copy_model(base16, tmp_path / "other-base", edit=unrelated)
+    other = copy_model(base16, tmp_path / "other-base", edit=unrelated, keep=_tokenizer_and_record)
     proc = run_cli("apply-delta", "--base", other, "--delta", delta_fc, "--out", tmp_path / "out")
     assert_one_line_error(proc, "wrong base", "fingerprint", "model.layers.0.")
     ziya = tmp_path / "ziya"
     execute(plan_make_delta(base16, tiny_derivative, ziya, style="ziya"))
-    published = _copy_model(ziya, tmp_path / "published", record=False)
+    published = copy_model(ziya, tmp_path / "published", keep=_tokenizer)
     proc = run_cli("apply-delta", "--base", other, "--delta", published, "--out", tmp_path / "out", "--style", "ziya")
     assert_one_line_error(proc, EMBED, "mean row cosine", "wrong base")
-    _no_leftovers(tmp_path, {"other-base", "ziya", "published"})
+    no_leftovers(tmp_path, {"other-base", "ziya", "published"})
 
 
 def test_shape_mismatch_on_a_layer_tensor(base16, delta_fc, tmp_path):
@@ -285,18 +265,18 @@ def test_shape_mismatch_on_a_layer_tensor(base16, delta_fc, tmp_path):
     def cut(tensors):
         tensors[name] = tensors[name][:, :128].contiguous()
 
-    bad = _copy_model(delta_fc, tmp_path / "bad-delta", edit=cut)
+    bad = copy_model(delta_fc, tmp_path / "bad-delta", edit=cut, keep=_tokenizer_and_record)
     proc = run_cli("apply-delta", "--base", base16, "--delta", bad, "--out", tmp_path / "out")
     assert_one_line_error(proc, name, "256x128", "256x256")
-    _no_leftovers(tmp_path, {"bad-delta"})
+    no_leftovers(tmp_path, {"bad-delta"})
 
 
 def test_delta_missing_a_tensor(base16, delta_fc, tmp_path):
     name = "model.layers.2.mlp.up_proj.weight"
-    bad = _copy_model(delta_fc, tmp_path / "bad-delta", edit=lambda t: t.pop(name))
+    bad = copy_model(delta_fc, tmp_path / "bad-delta", edit=lambda t: t.pop(name), keep=_tokenizer_and_record)
     proc = run_cli("apply-delta", "--base", base16, "--delta", bad, "--out", tmp_path / "out")
     assert_one_line_error(proc, "has no tensor", name)
-    _no_leftovers(tmp_path, {"bad-delta"})
+    no_leftovers(tmp_path, {"bad-delta"})
 
 
 def test_base_with_fewer_layers(base16, delta_fc, tmp_path):
@@ -307,20 +287,20 @@ def test_base_with_fewer_layers(base16, delta_fc, tmp_path):
     def three(config):
         config["num_hidden_layers"] = 3
 
-    short = _copy_model(base16, tmp_path / "short-base", edit=drop_layer, config_edit=three)
+    short = copy_model(base16, tmp_path / "short-base", edit=drop_layer, config_edit=three, keep=_tokenizer_and_record)
     proc = run_cli("apply-delta", "--base", short, "--delta", delta_fc, "--out", tmp_path / "out")
     assert_one_line_error(proc, "3 decoder layers", "the delta 4")
-    _no_leftovers(tmp_path, {"short-base"})
+    no_leftovers(tmp_path, {"short-base"})
 
 
 def test_overflow_into_inf_is_reported(base16, delta_fc, tmp_path):
     def huge(tensors):
         tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1e6
 
-    bad = _copy_model(delta_fc, tmp_path / "bad-delta", edit=huge)
+    bad = copy_model(delta_fc, tmp_path / "bad-delta", edit=huge, keep=_tokenizer_and_record)
     proc = run_cli("apply-delta", "--base", base16, "--delta", bad, "--out", tmp_path / "out", "--dtype", "float16")
     assert_one_line_error(proc, "model.norm.weight", "overflow float16", "--dtype bfloat16")
-    _no_leftovers(tmp_path, {"bad-delta"})
+    no_leftovers(tmp_path, {"bad-delta"})
 
 
 def test_output_equal_to_an_input(base16, delta_fc, tmp_path):

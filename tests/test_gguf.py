@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import REPO, assert_one_line_error, report, run_cli
-from helpers import write_safetensors
+from helpers import copy_model, write_safetensors
 from xquant import tiny
 from xquant.calib import load_set
 from xquant.evaluate.perplexity import nll_sum, windows
@@ -444,24 +444,19 @@ def test_cli_dry_run_and_inspect(tiny_model, files, tmp_path):
     assert info["xquant"]["options"]["outtype"] == "q4_k_m" and info["parameters"] == 4_040_960
 
 
-def _copy_model(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
 def test_bad_input_one_line_errors(tiny_model, tmp_path):
     out = tmp_path / "out.gguf"
-    m = _copy_model(tiny_model, tmp_path / "mistral")
+    m = copy_model(tiny_model, tmp_path / "mistral")
     cfg = json.loads((m / "config.json").read_text())
     (m / "config.json").write_text(json.dumps({**cfg, "architectures": ["MistralForCausalLM"]}))
     assert_one_line_error(run_cli("gguf", m, out), "unsupported architecture MistralForCausalLM", "LlamaForCausalLM")
 
-    m = _copy_model(tiny_model, tmp_path / "notok")
+    m = copy_model(tiny_model, tmp_path / "notok")
     (m / "tokenizer.model").unlink()
     (m / "tokenizer.json").unlink()
     assert_one_line_error(run_cli("gguf", m, out), "tokenizer files missing")
 
-    m = _copy_model(tiny_model, tmp_path / "small")
+    m = copy_model(tiny_model, tmp_path / "small")
     (m / "config.json").write_text(json.dumps({**cfg, "vocab_size": 1990}))
     assert_one_line_error(run_cli("gguf", m, out), "vocab_size 1990 is smaller than the tokenizer's 2000")
 

@@ -19,14 +19,14 @@ import torch
 
 from conftest import assert_one_line_error, report, run_cli
 from gptq_fixtures import outlier_model_dir
-from helpers import write_safetensors
+from helpers import kill_after_gptq_layer, write_safetensors
 from xquant import tiny
+from xquant.evaluate.gptq_reference import load_dequantized
 from xquant.evaluate.perplexity import hf_logits_fn, perplexity
 from xquant.io.output import MANIFEST_NAME
 from xquant.io.readers import open_hf_tensors
 from xquant.quant.gptq import GPTQOptions, core, gptq, pack
 from xquant.quant.gptq.plan import plan_gptq
-from xquant.quant.gptq.reference import load_dequantized
 from xquant.quant.gptq.state import state_dir_for
 from xquant.quant.gptq.walker import LayerWalker
 
@@ -265,17 +265,19 @@ def test_3bit_and_2bit(name, opts, sensitive, built, eval_ids, fp32_ppl, rtn_ppl
 
 
 def test_resume_after_crash_is_byte_identical(sensitive, built, tmp_path):
+    """SIGKILL once layer 0 is committed to the resume state, then --resume: the very bytes of an
+    uninterrupted run."""
     name = "4bit-g128-asym-act"
     reference = built(name, **CONFIGS[name])
     out = tmp_path / "resumed"
     args = ["gptq", sensitive, out, "--bits", "4", "--group-size", "128", "--asym", "--desc-act",
             "--samples", str(SAMPLES), "--seq-len", str(SEQ)]
-    crash = run_cli(*args, env={**ONE_THREAD, "XQUANT_GPTQ_CRASH_AFTER_LAYER": "1"})
-    assert_one_line_error(crash, "simulated crash after layer 1", "--resume")
+    done = kill_after_gptq_layer(args, out, layer=0, env=ONE_THREAD)
+    assert done < 3, "the run committed every layer before the kill landed: nothing left to resume"
     state = state_dir_for(out)
     assert not out.exists()
-    assert sorted(p.name for p in state.iterdir()) == [
-        "inputs-00002.safetensors", "layer-00000.safetensors", "layer-00001.safetensors", "state.json"]
+    assert sorted(p.name for p in state.iterdir() if not p.name.startswith(".")) == [
+        f"inputs-{done + 1:05d}.safetensors", *(f"layer-{i:05d}.safetensors" for i in range(done + 1)), "state.json"]
     assert_one_line_error(run_cli(*args, env=ONE_THREAD), "resume state", "--resume")
     run_cli(*args, "--resume", env=ONE_THREAD, check=True)
     assert not state.exists() and {p.name for p in tmp_path.iterdir()} == {"resumed"}
@@ -285,7 +287,7 @@ def test_resume_after_crash_is_byte_identical(sensitive, built, tmp_path):
         if f != MANIFEST_NAME:
             assert (out / f).read_bytes() == (reference / f).read_bytes(), f
     manifest = json.loads((out / MANIFEST_NAME).read_text())
-    assert manifest["gptq"]["resumed_at_layer"] == 2 and len(manifest["gptq"]["layers"]) == 4
+    assert manifest["gptq"]["resumed_at_layer"] == done + 1 and len(manifest["gptq"]["layers"]) == 4
 
 
 def test_optimum_engine_side_by_side(sensitive, tmp_path, eval_ids, fp32_ppl):

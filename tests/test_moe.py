@@ -30,13 +30,6 @@ MODES = {
 
 
 @pytest.fixture(scope="module")
-def moe() -> Path:
-    from xquant import tiny_moe
-
-    return tiny_moe.moe_dir()
-
-
-@pytest.fixture(scope="module")
 def ids(moe) -> list[int]:
     from xquant import tiny
     from xquant.calib import load_set

@@ -20,11 +20,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, report, run_cli
+from helpers import hf_logits
 from xquant import tiny
+from xquant.evaluate.gptq_reference import load_dequantized
 from xquant.io.output import MANIFEST_NAME
 from xquant.quant.gptq import GPTQOptions, core, gptq, pack
 from xquant.quant.gptq.plan import plan_gptq
-from xquant.quant.gptq.reference import load_dequantized
 
 SAMPLES, SEQ = 8, 256
 EXPERTS, TOP_K, LAYERS = 8, 2, 2
@@ -34,13 +35,6 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel refuses to star
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def moe() -> Path:
-    from xquant import tiny_moe
-
-    return tiny_moe.moe_dir()
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +63,6 @@ def built(moe, tmp_path_factory):
 def eval_ids(moe) -> dict[str, list[int]]:
     tok = tiny.load_tokenizer(moe)
     return {s: tiny.encode_set(tok, s, "eval")[:EVAL_TOKENS] for s in SETS}
-
-
-def _logits(model, ids: list[int]) -> torch.Tensor:
-    with torch.inference_mode():
-        return torch.cat([model(torch.tensor([ids[j:j + 512]])).logits[0]
-                          for j in range(0, len(ids), 512)]).double()
 
 
 def _kl_top1(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
@@ -226,7 +214,8 @@ def test_gptqmodel_loads_it_and_matches_the_reference(moe, fp32, built, eval_ids
     deq = load_dequantized(out)
     figures = []
     for s in SETS:
-        ref, got, want = _logits(fp32, eval_ids[s]), result["logits"][s].double(), _logits(deq, eval_ids[s])
+        ref, want = (hf_logits(m, eval_ids[s], torch.float64) for m in (fp32, deq))
+        got = result["logits"][s].double()
         kl_kernel, _ = _kl_top1(want, got)
         kl, top1 = _kl_top1(ref, got)
         figures.append(f"{s} KL {kl:.2e} top-1 {100 * top1:.1f}% (kernel vs dequantized KL {kl_kernel:.1e})")
@@ -255,9 +244,9 @@ def test_per_expert_hessians_beat_round_to_nearest(moe, fp32, built, eval_ids):
                 module.down_proj.data[e] = core.rtn_quantize(module.down_proj.data[e], spec).weight
     kl = {name: {} for name in ("gptq", "experts RTN", "RTN")}
     for s in SETS:
-        ref = _logits(fp32, eval_ids[s])
+        ref = hf_logits(fp32, eval_ids[s], torch.float64)
         for name, model in (("gptq", ours), ("experts RTN", experts_rtn), ("RTN", rtn)):
-            kl[name][s] = _kl_top1(ref, _logits(model, eval_ids[s]))[0]
+            kl[name][s] = _kl_top1(ref, hf_logits(model, eval_ids[s], torch.float64))[0]
     report("MoE 3-bit g128 mean KL to fp32 (zh/en/code): " + "; ".join(
         f"{name} " + "/".join(f"{v:.1e}" for v in row.values()) for name, row in kl.items()))
     for s in SETS:

@@ -28,13 +28,6 @@ ROLES = ("gate", "up", "down")
 
 
 @pytest.fixture(scope="module")
-def moe() -> Path:
-    from xquant import tiny_moe
-
-    return tiny_moe.moe_dir()
-
-
-@pytest.fixture(scope="module")
 def files(moe, tmp_path_factory) -> dict[str, Path]:
     """q4_k_m without and with an importance matrix computed from the 'mixed' calibration set."""
     root = tmp_path_factory.mktemp("moe-imatrix")

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from conftest import assert_one_line_error, run_cli
+from helpers import kill_after_gptq_layer
 
 RECIPE = """
 [source]
@@ -77,8 +73,6 @@ def test_interrupted_run_resumes_to_the_same_files(tiny_model, tmp_path):
     """SIGKILL while GPTQ is quantizing (its first layer committed to the resume state, the rest
     not), then the same command again: the chain continues and ends with the very bytes of an
     uninterrupted run; in between, nothing unfinished looks like a finished artifact."""
-    from xquant.quant.gptq.state import state_dir_for
-
     recipe = tmp_path / "r.toml"
     recipe.write_text(RECIPE.format(src=tiny_model))
     whole = tmp_path / "whole"
@@ -90,16 +84,7 @@ def test_interrupted_run_resumes_to_the_same_files(tiny_model, tmp_path):
 
     cut = tmp_path / "cut"
     gptq_out = cut / "gptq-4bit-g128"
-    first_layer = state_dir_for(gptq_out) / "layer-00000.safetensors"  # renamed into place when complete
-    env = {**os.environ, "XQUANT_QUIET": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "xquant.cli", "run", str(recipe), "--workdir", str(cut)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not first_layer.exists():
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)  # a crash inside the GPTQ step, no clean-up
-    proc.wait()
-    assert first_layer.exists(), "the run ended or timed out before GPTQ committed its first layer"
+    done = kill_after_gptq_layer(["run", recipe, "--workdir", cut], gptq_out, layer=0)  # a crash inside GPTQ
     assert not gptq_out.exists() and not (cut / ".xquant-step-gptq-4bit-g128.json").exists()
     finished = sorted(p.name for p in cut.iterdir() if not p.name.startswith("."))
     assert finished == ["hf-float16", "int8"], finished  # only whole artifacts under real names
@@ -110,8 +95,8 @@ def test_interrupted_run_resumes_to_the_same_files(tiny_model, tmp_path):
     run_cli("run", recipe, "--workdir", cut, check=True)
     assert _artifact_files(cut) == _artifact_files(whole)
     resumed = json.loads((gptq_out / "xquant-manifest.json").read_text())["gptq"]["resumed_at_layer"]
-    # killed before layer 0's state record: layer 0 redone from the saved inputs (None); after: continued
-    assert resumed is None or 1 <= resumed < 4, resumed
+    # killed after layer `done` was committed: the GPTQ step continued from the next one
+    assert resumed == done + 1 and 1 <= resumed < 4, (resumed, done)
     leftovers = [p.name for p in cut.iterdir() if p.name.startswith(".") and not p.name.startswith(".xquant-step")]
     assert not leftovers, leftovers
     assert set(_statuses(recipe, cut).values()) == {"done"}

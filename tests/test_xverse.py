@@ -1,23 +1,22 @@
 """XVERSE (`XverseForCausalLM`) through gguf / gptq / int8 / report / inspect, on a tiny XVERSE-shaped
-checkpoint (xquant.tiny_xverse): the tiny LLaMA's weights, config XverseForCausalLM, and a
+checkpoint (tests/fixtures_xverse.py): the tiny LLaMA's weights, config XverseForCausalLM, and a
 SentencePiece-style BPE tokenizer.json with byte fallback and no tokenizer.model, as XVERSE ships.
 
 XVERSE's modeling code is remote code transformers does not have, and its math is LLaMA's: the
-reference is the same files named LlamaForCausalLM (tiny_xverse.reference_dir()).
+reference is the same files named LlamaForCausalLM (fixtures_xverse.reference_dir()).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+import fixtures_xverse
 from conftest import assert_one_line_error, report, run_cli
-from helpers import llama_cpp_logits
-from xquant import tiny_xverse
+from helpers import copy_model, hf_logits, llama_cpp_logits
 from xquant.calib import load_set
 from xquant.io.readers import open_hf_tensors
 
@@ -33,7 +32,7 @@ GPTQ_ARGS = ("--samples", "4", "--seq-len", "64", "--group-size", "32")
 
 @pytest.fixture(scope="module")
 def xverse() -> Path:
-    return tiny_xverse.xverse_dir()
+    return fixtures_xverse.xverse_dir()
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +40,7 @@ def reference():
     """(directory, transformers LLaMA model, tokenizer from tokenizer.json) of the LLaMA-named twin."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = tiny_xverse.reference_dir()
+    path = fixtures_xverse.reference_dir()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return path, model, AutoTokenizer.from_pretrained(path)
 
@@ -56,11 +55,6 @@ def ggufs(xverse, tmp_path_factory) -> dict[str, Path]:
 def window(reference) -> list[int]:
     _, _, tok = reference
     return tok(load_set("mixed", "eval").documents[0])["input_ids"][:256]
-
-
-def _logits_hf(model, ids: list[int]) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(torch.tensor([ids])).logits[0].float()
 
 
 def test_gguf_metadata_and_vocabulary(ggufs, xverse):
@@ -81,17 +75,17 @@ def test_gguf_metadata_and_vocabulary(ggufs, xverse):
     first = merged[0] if isinstance(merged[0], str) else " ".join(merged[0])
     assert scores[tokens.index(first.replace(" ", ""))] == 0.0  # the first merge scores highest
     assert _detect(xverse) == "sentencepiece-json"  # also found without converters/xverse.toml naming it
-    proc = run_cli("inspect", ggufs["f32"], check=True)
-    assert "xverse" in proc.stdout
-    proc = run_cli("inspect", xverse, check=True)
-    assert "xverse" in proc.stdout
+    info = json.loads(run_cli("inspect", ggufs["f32"], "--json", check=True).stdout)
+    assert info["architecture"] == "xverse"
+    info = json.loads(run_cli("inspect", xverse, "--json", check=True).stdout)
+    assert (info["architecture"], info["xquant_arch"]) == ("XverseForCausalLM", "xverse")
 
 
 def test_gguf_logits_match_the_llama_reference(ggufs, reference, window):
     """llama.cpp's xverse graph on the converted file = transformers' LLaMA on the same weights
     (q/k un-permuted with the true kv-head count: the tiny model has grouped-query attention)."""
     _, model, _ = reference
-    ref = _logits_hf(model, window)
+    ref = hf_logits(model, window)
     diff = (llama_cpp_logits(ggufs["f32"], window, torch.float32) - ref).abs().max().item()
     q8 = llama_cpp_logits(ggufs["q8_0"], window, torch.float32)
     top1 = (q8.argmax(-1) == ref.argmax(-1)).float().mean().item()
@@ -126,12 +120,12 @@ def test_gguf_tokenizer_matches_tokenizer_json(ggufs, reference):
 
 def _as_llama(src: Path, dst: Path) -> Path:
     """A copy of an XVERSE artifact whose config names LlamaForCausalLM (what transformers can load)."""
-    shutil.copytree(src, dst)
-    config = json.loads((dst / "config.json").read_text())
-    assert config["architectures"] == ["XverseForCausalLM"] and config["model_type"] == "xverse"
-    config.update(architectures=["LlamaForCausalLM"], model_type="llama")
-    (dst / "config.json").write_text(json.dumps(config))
-    return dst
+
+    def rename(config: dict) -> None:
+        assert config["architectures"] == ["XverseForCausalLM"] and config["model_type"] == "xverse"
+        config.update(architectures=["LlamaForCausalLM"], model_type="llama")
+
+    return copy_model(src, dst, config_edit=rename)
 
 
 def _same_tensors(a: Path, b: Path) -> int:
@@ -154,7 +148,7 @@ def test_quantized_xverse_equals_llama_named_copy_and_loads(command, args, xvers
     from transformers import AutoModelForCausalLM
 
     loaded = AutoModelForCausalLM.from_pretrained(_as_llama(tmp_path / "x", tmp_path / "as-llama")).eval()
-    got, ref = _logits_hf(loaded, window), _logits_hf(model, window)
+    got, ref = hf_logits(loaded, window), hf_logits(model, window)
     top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     report(f"xverse {command}: {n} tensors equal to the LLaMA-named run; reloaded top-1 agreement {top1:.1%}")
     assert top1 > 0.8
@@ -180,8 +174,6 @@ def test_report_over_xverse_artifacts(ggufs, xverse, tmp_path):
 
 def test_vocab_size_smaller_than_tokenizer_json_is_one_line_error(xverse, tmp_path):
     bad = tmp_path / "bad"
-    shutil.copytree(xverse, bad)
-    config = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**config, "vocab_size": 1999}))
+    copy_model(xverse, bad, config_edit=lambda config: config.update(vocab_size=1999))
     assert_one_line_error(run_cli("gguf", bad, tmp_path / "o.gguf", "--outtype", "f32"),
                           "config.json", "vocab_size 1999", "2000 tokens (tokenizer.json)")

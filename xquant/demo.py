@@ -9,7 +9,9 @@ re-run skips what is done.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .console import info
 
@@ -85,3 +87,39 @@ def run_demo(workdir: Path) -> dict[str, Path]:
     recipe_path.write_text(RECIPE)
     plan = plan_recipe(load_recipe(recipe_path), workdir, base_dir=workdir)
     return run_recipe(plan)
+
+
+@dataclass
+class DemoPlan:
+    """The demo's recipe plan as printed: steps and summary, computed while its inputs exist."""
+
+    title: str
+    steps: list[dict[str, Any]]
+    totals: dict[str, Any]
+
+    def rows(self) -> list[dict[str, Any]]:
+        return self.steps
+
+    def summary(self) -> dict[str, Any]:
+        return self.totals
+
+
+def plan_demo(workdir: Path) -> DemoPlan:
+    """The demo's recipe plan (what `xquant demo --dry-run` prints), writing nothing into `workdir`.
+
+    The recipe's inputs are the publisher's side of the demo; where `workdir` does not hold them
+    yet they are made in a scratch folder, removed once the plan is printed-ready, so every step is
+    planned with its real shapes."""
+    import tempfile
+    import tomllib
+
+    from .recipe import plan_recipe
+
+    workdir = workdir.resolve()
+    with tempfile.TemporaryDirectory(prefix="xquant-demo-inputs-") as scratch:
+        inputs = workdir
+        if not all((workdir / n).exists() for n in ("tiny-llama-meta", "tiny-derivative-delta")):
+            inputs = Path(scratch)
+            prepare_inputs(inputs)
+        plan = plan_recipe(tomllib.loads(RECIPE), workdir, base_dir=inputs)
+        return DemoPlan(f"xquant demo (recipe in {workdir / 'recipe.toml'})", plan.rows(), plan.summary())

@@ -1,9 +1,13 @@
-"""The shared shape of every command: build a Plan (pure data), then execute it into an artifact.
+"""The shared shape of every command: build a plan (pure data), then execute it into artifacts.
 
 A plan lists the output tensors with their shapes and dtypes, a producer for each (a closure that
 reads and transforms just what that tensor needs), the side files to write, and a memory estimate.
-`--dry-run` prints the plan; `execute` streams it through the sharded writer inside an atomic
-output directory, releasing reader mappings between layers.
+`--dry-run` prints the plan. `execute` is the one executor of every writing command (HF
+directories, GGUF files single and split, GPTQ's resumable layer walk): it owns the output rules
+(nesting with inputs, --force replacing only an xquant artifact of the same kind), the long work
+before any output is opened (`prepare`: the GPTQ layer walk, an importance matrix), the temporary
+siblings renamed into place when complete, disk-full handling, hashing, the manifest, and the
+clean-up of a failed run.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 
 from .console import progress
 from .io.dtypes import dtype_name, human_bytes
-from .io.output import Provenance, atomic_dir
+from .io.output import ArtifactDir, Provenance, atomic_dir, atomic_file, check_output_path
 from .io.pool import BufferPool
 from .io.readers import TensorReader
 from .io.writer import ShardedWriter, TensorSpec
@@ -30,6 +34,48 @@ from .io.writer import ShardedWriter, TensorSpec
 BASE_MEMORY = 512 * 2**20
 # Finished outputs held besides the one being made: one queued, one being written.
 IN_FLIGHT = 2
+
+
+@dataclass(frozen=True)
+class Output:
+    """One path a plan writes: a directory (safetensors checkpoint, report) or a single file (GGUF)."""
+
+    path: Path
+    directory: bool = True
+
+
+class Executable:
+    """What `execute` asks of a plan. `provenance` (command, options, inputs) is set by each plan."""
+
+    provenance: Provenance
+
+    def outputs(self) -> list[Output]:
+        raise NotImplementedError
+
+    def running(self) -> contextlib.AbstractContextManager:
+        """A context held for the whole execution (e.g. a thread setting)."""
+        return contextlib.nullcontext()
+
+    def prepare(self, force: bool, resume: bool) -> None:
+        """Long work needed before any output is opened (the output paths are checked by then)."""
+        if resume:
+            from .errors import UnsupportedError
+
+            raise UnsupportedError("--resume: only GPTQ runs keep a state to resume from")
+
+    def write(self, handles: list[ArtifactDir]) -> None:
+        """Write every output into its temporary path (`handles`, in `outputs()` order)."""
+        raise NotImplementedError
+
+    def abandon(self, interrupted: bool) -> None:
+        """Called after a failure, once the temporary outputs are gone: remove what `prepare` left,
+        unless an interruption left state that a re-run can continue."""
+
+    def finished(self) -> None:
+        """Called once every output is in place (messages about the result)."""
+
+    def result(self) -> Any:
+        return self.outputs()[0].path.resolve()
 
 
 @dataclass
@@ -43,7 +89,7 @@ class TensorJob:
 
 
 @dataclass
-class Plan:
+class Plan(Executable):
     title: str
     out: Path
     jobs: list[TensorJob]
@@ -57,6 +103,7 @@ class Plan:
     # must not keep their output after returning it.
     pool: BufferPool | None = None
     notes: list[str] = field(default_factory=list)
+    allow_nonfinite: bool = False  # NaN/inf weights pass instead of being refused (io/finite.py)
 
     @property
     def output_bytes(self) -> int:
@@ -98,26 +145,41 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         return {"title": self.title, "summary": self.summary(), "tensors": self.rows()}
 
-    # Hooks for plans that need more than writing tensors (the delta plans use all three).
-    def running(self) -> contextlib.AbstractContextManager:
-        """A context held while the tensors are produced (e.g. a thread setting)."""
-        return contextlib.nullcontext()
+    def outputs(self) -> list[Output]:
+        return [Output(self.out, directory=True)]
+
+    def write(self, handles: list[ArtifactDir]) -> None:
+        art = handles[0]
+        write_jobs(art.path, self, art.hashes)
+        self.check_written(art.path, art.hashes)
 
     def check_written(self, directory: Path, hashes: dict[str, str]) -> None:
         """Called inside the temporary output before it is renamed into place: raising here
         leaves nothing behind."""
 
-    def finished(self) -> None:
-        """Called once the output is in place (messages about the result)."""
 
-
-def execute(plan: Plan, force: bool = False) -> Path:
-    """Stream every job through the writer into an atomic output directory; returns the path."""
-    with atomic_dir(plan.out, plan.provenance, force=force) as art, plan.running():
-        write_jobs(art.path, plan, art.hashes)
-        plan.check_written(art.path, art.hashes)
+def execute(plan: Executable, force: bool = False, resume: bool = False) -> Any:
+    """Carry out any plan: check every output path, prepare, write each output into a temporary
+    sibling, add its manifest and rename it into place; on failure nothing is left (see
+    `Executable.abandon` for resumable state). Returns `plan.result()`."""
+    outputs = plan.outputs()
+    for o in outputs:  # refuse before any long computation
+        check_output_path(o.path, plan.provenance.inputs, force, plan.provenance.command)
+    try:
+        with plan.running():
+            plan.prepare(force=force, resume=resume)
+            with contextlib.ExitStack() as stack:
+                handles = [stack.enter_context((atomic_dir if o.directory else atomic_file)(
+                    o.path, plan.provenance, force)) for o in outputs]
+                plan.write(handles)
+    except KeyboardInterrupt:
+        plan.abandon(interrupted=True)
+        raise
+    except BaseException:
+        plan.abandon(interrupted=False)
+        raise
     plan.finished()
-    return plan.out.resolve()
+    return plan.result()
 
 
 _DONE = object()

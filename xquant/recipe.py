@@ -1,10 +1,16 @@
 """`xquant run RECIPE.toml`: the whole chain from one recipe, each step run once.
 
 A recipe names a source (Meta or HF directory), an optional delta, and the artifacts wanted.
-The runner plans the chain as a list of steps (a pure value that `--dry-run` prints with disk and
-memory estimates), then runs each step through the same library calls the commands use. A step
-whose output exists and was made from the same inputs with the same options (recorded in a small
-step file beside it) is skipped, so re-running after a crash continues where it stopped.
+Every table is the options of a registered command (xquant/commands/): `[source]` is `convert`'s,
+`[delta]` is `apply-delta`'s, each `[[artifact]]` is its `kind`'s, `[report]` is `report`'s, with
+the same names as the command-line flags (underscores for dashes), the same defaults and the same
+checks; an unknown key or a wrong type is one line naming the table and the known keys, before any
+step runs. The runner plans the chain as a list of steps (a pure value that `--dry-run` prints with
+disk and memory estimates), then runs each step through the same command objects and the one
+executor the commands use. A step whose output exists and was made from the same inputs with the
+same options (recorded in a small step file beside it) is skipped, so re-running after a crash
+continues where it stopped. Outputs follow the executor's rules: a path in the work directory that
+xquant did not write is never replaced.
 
 Example:
 
@@ -38,125 +44,45 @@ import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from .commands import DRY_RUN, RUN, STAND_IN, Command, artifact_kinds, get
+from .commands.options import Options
 from .console import info
 from .errors import CorruptFileError, InputError, UnsupportedError
 from .io.dtypes import human_bytes
 from .io.output import read_manifest
 
 STEP_FILE = ".xquant-step-{name}.json"
-
-
-@dataclass(frozen=True)
-class StepKind:
-    """How a recipe step is planned and carried out: the same library calls the commands make.
-
-    `plan(src, out, options, estimate)` returns the command's plan (a pure value: output tensors,
-    sizes, memory estimate); `estimate=True` when it is only for `--dry-run` on a stand-in input
-    (see estimate.py), so checks that read tensor values are skipped. `run(plan, force)` executes it.
-    """
-
-    plan: Callable[[Path, Path, dict[str, Any], bool], Any]
-    run: Callable[[Any, bool], None]
-    default_name: Callable[[dict], str]
-
-
-_STEPS: dict[str, StepKind] = {}
-
-
-def _execute(plan: Any, force: bool) -> None:
-    from .pipeline import execute
-
-    execute(plan, force=force)
-
-
-def _execute_gguf(plan: Any, force: bool) -> None:
-    from .gguf.writer import execute
-
-    execute(plan, force=force)
-
-
-def _run_gptq(plan: Any, force: bool) -> None:
-    from .quant.gptq.run import run_gptq
-
-    run_gptq(plan, force=force, resume=True)
-
-
-def step_kind(kind: str, default_name: Callable[[dict], str], run: Callable[[Any, bool], None] = _execute):
-    def deco(plan_fn):
-        _STEPS[kind] = StepKind(plan_fn, run, default_name)
-        return plan_fn
-
-    return deco
-
-
-@step_kind("hf", lambda o: f"hf-{o.get('dtype', 'float16')}")
-def _hf(src: Path, out: Path, o: dict[str, Any], estimate: bool):
-    from .convert import plan_convert
-
-    return plan_convert(src, out, o.get("dtype"), o.get("max_shard_size", "5GB"), o.get("context"))
-
-
-@step_kind("int8", lambda o: "int8")
-def _int8(src: Path, out: Path, o: dict[str, Any], estimate: bool):
-    from .quant.bnb import plan_int8
-
-    return plan_int8(src, out, threshold=o.get("threshold", 6.0), skip_modules=o.get("skip_modules"))
-
-
-@step_kind("nf4", lambda o: "nf4")
-def _nf4(src: Path, out: Path, o: dict[str, Any], estimate: bool):
-    from .quant.bnb import plan_nf4
-
-    return plan_nf4(src, out, compute_dtype=o.get("compute_dtype"), double_quant=o.get("double_quant", False),
-                    exact=not estimate)
-
-
-@step_kind("gguf", lambda o: f"model-{o.get('outtype', 'f16')}.gguf", run=_execute_gguf)
-def _gguf(src: Path, out: Path, o: dict[str, Any], estimate: bool):
-    from .gguf.plan import plan_gguf
-
-    imatrix = o.get("imatrix")
-    return plan_gguf(src, out, o.get("outtype", "f16"), o.get("calibration"),
-                     imatrix_chunks=o.get("imatrix_chunks", 64), imatrix=Path(imatrix) if imatrix else None)
-
-
-@step_kind("gptq", lambda o: f"gptq-{o.get('bits', 4)}bit-g{o.get('group_size', 128)}", run=_run_gptq)
-def _gptq(src: Path, out: Path, o: dict[str, Any], estimate: bool):
-    from .quant.gptq.plan import GPTQOptions, plan_gptq
-
-    opts = dict(o)
-    if "calibration" in opts:
-        cal = opts["calibration"]
-        opts["calibration"] = tuple(cal) if isinstance(cal, list) else (cal,)
-    try:
-        options = GPTQOptions(**opts)
-    except TypeError as e:
-        raise UnsupportedError(f"recipe: gptq artifact: {e}") from None
-    return plan_gptq(src, out, options)
-
-
-@step_kind("apply-delta", lambda o: "merged")
-def _apply_delta(src: Path, out: Path, o: dict[str, Any], estimate: bool):
-    from .delta import plan_apply_delta
-
-    # On a stand-in base (estimate) the values are placeholders: only shapes and config are checked.
-    return plan_apply_delta(src, Path(o["delta"]), out, dtype=o.get("dtype"), style=o.get("style"),
-                            expect_sha256=Path(o["expect_sha256"]) if o.get("expect_sha256") else None,
-                            skip_base_check=estimate)
+_TOP_LEVEL = ("source", "delta", "artifact", "report")
 
 
 @dataclass
 class Step:
-    name: str
-    kind: str
-    src: Path
-    out: Path
-    options: dict[str, Any]
+    """One command run: its inputs (the fed one is `src`), its output and its typed options."""
 
-    def fingerprint(self, src_digest: str) -> str:
-        blob = json.dumps({"kind": self.kind, "options": self.options, "src": src_digest}, sort_keys=True)
+    name: str
+    command: Command
+    inputs: dict[str, Path]
+    out: Path
+    options: Options
+
+    @property
+    def kind(self) -> str:
+        return self.command.name
+
+    @property
+    def src(self) -> Path:
+        return self.inputs[self.command.source]
+
+    def plan(self, src: Path | None = None, out: Path | None = None, mode: str = RUN) -> Any:
+        inputs = {**self.inputs, self.command.source: src or self.src, "out": out or self.out}
+        return self.command.make_plan(inputs, self.options, mode)
+
+    def fingerprint(self) -> str:
+        digests = {k: _digest(p) for k, p in sorted(self.inputs.items())}
+        blob = json.dumps({"kind": self.kind, "options": self.options.record(fingerprint_only=True),
+                           "inputs": digests}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -165,7 +91,8 @@ class RecipePlan:
     workdir: Path
     source: Path
     steps: list[Step]
-    report: dict[str, Any] | None
+    report: Options | None
+    chain: list[str] = field(default_factory=list)  # the source's conversion and the merged delta, in order
     notes: list[str] = field(default_factory=list)
     _estimates: dict[str, Any] | None = field(default=None, repr=False)
 
@@ -177,7 +104,7 @@ class RecipePlan:
             from .estimate import estimate_steps
 
             self._estimates = estimate_steps(
-                self.steps, lambda step, src, out, stand_in: _STEPS[step.kind].plan(src, out, step.options, stand_in))
+                self.steps, lambda step, src, out, stand_in: step.plan(src, out, STAND_IN if stand_in else DRY_RUN))
         return self._estimates
 
     def rows(self) -> list[dict[str, Any]]:
@@ -186,7 +113,7 @@ class RecipePlan:
         for s in self.steps:
             e = est.get(s.name)
             rows.append({"step": s.name, "kind": s.kind, "from": s.src.name, "to": str(s.out),
-                         "options": json.dumps(s.options),
+                         "options": json.dumps(s.options.record()),
                          "size": human_bytes(e.output_bytes) if e else "?",
                          "peak memory": human_bytes(e.peak_memory) if e else "?",
                          "status": "done" if step_done(s) else "to do"})
@@ -215,12 +142,14 @@ class RecipePlan:
         missing = [s.name for s in self.steps if s.name not in est]
         if missing:
             out["not estimated"] = ", ".join(missing) + " (input missing)"
-        out["report"] = "yes" if self.report is not None else "no"
+        out["report"] = json.dumps(self.report.record()) if self.report is not None else "no"
         return out
 
 
 def _digest(path: Path) -> str:
     """What a step's input is: its manifest's output hashes, or its file listing when it has none."""
+    if not path.exists():
+        return "missing"
     m = read_manifest(path)
     if m:
         return hashlib.sha256(json.dumps(m.get("outputs"), sort_keys=True).encode()).hexdigest()
@@ -238,7 +167,7 @@ def step_done(step: Step) -> bool:
     if not (step.out.exists() and f.exists() and step.src.exists()):
         return False
     try:
-        return json.loads(f.read_text())["fingerprint"] == step.fingerprint(_digest(step.src))
+        return json.loads(f.read_text())["fingerprint"] == step.fingerprint()
     except (ValueError, KeyError):
         return False
 
@@ -253,47 +182,84 @@ def load_recipe(path: Path) -> dict[str, Any]:
         raise CorruptFileError(f"{path}: not valid TOML ({e})") from None
 
 
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise UnsupportedError(f"{where}: expected a table, got {type(value).__name__}")
+    return dict(value)
+
+
+def _step(cmd: Command, table: dict[str, Any], where: str, fed: Path, workdir: Path, base_dir: Path,
+          name: str | None = None, out_name: str | None = None) -> Step:
+    """A step of `cmd` from its recipe table: the paths its other inputs name, then its options."""
+    inputs = {cmd.source: fed}
+    for inp in cmd.inputs:
+        if inp.name in (cmd.source, "out"):
+            continue
+        value = table.pop(inp.name, None)
+        if not isinstance(value, str):
+            raise UnsupportedError(f"{where}: needs {inp.name} = \"PATH\" ({inp.help.rstrip('.')})")
+        inputs[inp.name] = (base_dir / value).resolve()
+    options = cmd.options.from_table(table, where, base_dir)
+    name = name or cmd.artifact_name(options)
+    return Step(name, cmd, inputs, workdir / (out_name or name), options)
+
+
 def plan_recipe(recipe: dict[str, Any], workdir: Path, base_dir: Path | None = None) -> RecipePlan:
     base_dir = base_dir or Path.cwd()
-    src_cfg = recipe.get("source") or {}
+    workdir = Path(workdir)
+    for key in recipe:
+        if key not in _TOP_LEVEL:
+            raise UnsupportedError(f"recipe: unknown table [{key}] (known: {', '.join(_TOP_LEVEL)})")
+    src_cfg = _table(recipe.get("source") or {}, "recipe: [source]")
     if "path" not in src_cfg:
         raise InputError("recipe: [source] needs a path (a Meta original or Hugging Face directory)")
-    source = (base_dir / src_cfg["path"]).resolve()
+    source = (base_dir / src_cfg.pop("path")).resolve()
     steps: list[Step] = []
     from .model import detect
 
-    current = source
+    current, chain = source, []
+    convert = get("convert")
     if not source.exists() or detect(source) == "meta" or "dtype" in src_cfg:
-        hf = workdir / f"hf-{src_cfg.get('dtype', 'float16')}"
-        opts = {"dtype": src_cfg.get("dtype", "float16"),
-                **{k: src_cfg[k] for k in ("context", "max_shard_size") if k in src_cfg}}
-        steps.append(Step("hf", "hf", source, hf, opts))
-        current = hf
+        src_cfg.setdefault("dtype", "float16")
+        steps.append(_step(convert, src_cfg, "recipe: [source]", source, workdir, base_dir, "hf",
+                           f"hf-{src_cfg['dtype']}"))
+        current = steps[-1].out
+        chain.append(steps[-1].name)
+    elif src_cfg:
+        convert.options.from_table(src_cfg, "recipe: [source]", base_dir)  # checked, though nothing converts
     if "delta" in recipe:
-        d = dict(recipe["delta"])
+        d = _table(recipe["delta"], "recipe: [delta]")
         if "path" not in d:
             raise InputError("recipe: [delta] needs a path (the published delta directory)")
-        if d.get("expect_sha256"):
-            d["expect_sha256"] = str((base_dir / d["expect_sha256"]).resolve())
-        merged = workdir / "merged"
-        steps.append(Step("merged", "apply-delta", current, merged,
-                          {"delta": str((base_dir / d.pop("path")).resolve()), **d}))
-        current = merged
-    for i, art in enumerate(recipe.get("artifact", [])):
-        kind = art.get("kind")
-        if kind not in _STEPS:
-            raise UnsupportedError(f"recipe: artifact {i + 1} has unknown kind '{kind}' (known: {', '.join(sorted(_STEPS))})")
-        options = {k: v for k, v in art.items() if k not in ("kind", "name")}
-        name = art.get("name") or _STEPS[kind].default_name(options)
-        steps.append(Step(name, kind, current, workdir / name, options))
+        d["delta"] = d.pop("path")
+        steps.append(_step(get("apply-delta"), d, "recipe: [delta]", current, workdir, base_dir, "merged"))
+        current = steps[-1].out
+        chain.append(steps[-1].name)
+    kinds = artifact_kinds()
+    artifacts = recipe.get("artifact", [])
+    if not isinstance(artifacts, list):
+        raise UnsupportedError("recipe: artifacts are [[artifact]] tables")
+    for i, art in enumerate(artifacts):
+        art = _table(art, f"recipe: artifact {i + 1}")
+        kind = art.pop("kind", None)
+        if kind not in kinds:
+            raise UnsupportedError(f"recipe: artifact {i + 1} has unknown kind '{kind}' (known: {', '.join(kinds)})")
+        name = art.pop("name", None)
+        if name is not None and (not isinstance(name, str) or not name or "/" in name or name.startswith(".")):
+            raise UnsupportedError(f"recipe: artifact {i + 1} ({kind}): name = {name!r}: a plain file name")
+        steps.append(_step(kinds[kind], art, f"recipe: artifact {i + 1} ({kind})", current, workdir, base_dir, name))
     names = [s.name for s in steps]
     if len(set(names)) != len(names):
         raise InputError(f"recipe: two steps write the same output ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); give them names")
-    return RecipePlan(workdir, source, steps, recipe.get("report"))
+    report = None
+    if "report" in recipe:
+        report = get("report").options.from_table(_table(recipe["report"], "recipe: [report]"),
+                                                 "recipe: [report]", base_dir)
+    return RecipePlan(workdir, source, steps, report, chain)
 
 
 def run_recipe(plan: RecipePlan) -> dict[str, Path]:
-    """Run every step not already done, then the report; returns the artifacts by step name."""
+    """Run every step not already done, then the report; returns the outputs by step name."""
     plan.workdir.mkdir(parents=True, exist_ok=True)
     outputs: dict[str, Path] = {}
     for step in plan.steps:
@@ -301,20 +267,18 @@ def run_recipe(plan: RecipePlan) -> dict[str, Path]:
             info(f"[dim]skip[/] {step.name}: done earlier with the same inputs and options")
         else:
             info(f"[bold cyan]step[/] {step.name} ({step.kind})")
-            kind = _STEPS[step.kind]
-            kind.run(kind.plan(step.src, step.out, step.options, False), True)
-            _step_file(step).write_text(json.dumps({"fingerprint": step.fingerprint(_digest(step.src)),
-                                                    "kind": step.kind, "options": step.options}, indent=2))
+            # force: an earlier run's output of the same command is replaced; anything else in
+            # the work directory is refused by the executor. A GPTQ step continues its saved state.
+            step.command.run(step.plan(), True, step.command.resumable)
+            _step_file(step).write_text(json.dumps({"fingerprint": step.fingerprint(), "kind": step.kind,
+                                                    "options": step.options.record()}, indent=2))
         outputs[step.name] = step.out
     if plan.report is not None:
-        from .report import build_report
-
-        reference = plan.steps[0].out if plan.steps and plan.steps[0].kind == "hf" else plan.source
-        if "merged" in outputs:
-            reference = outputs["merged"]
-        arts = [p for n, p in outputs.items() if p != reference and n not in ("hf", "merged")]
-        r = plan.report
-        build_report(reference, arts, plan.workdir / "report", r.get("eval"), r.get("mc"),
-                     r.get("max_tokens", 8192), force=True)
-        outputs["report"] = plan.workdir / "report"
+        report = get("report")
+        # The report compares every artifact with the last step of the chain (or the source).
+        reference = outputs[plan.chain[-1]] if plan.chain else plan.source
+        arts = [p for n, p in outputs.items() if n not in plan.chain]
+        out = plan.workdir / "report"
+        report.run(report.make_plan({"reference": reference, "artifacts": arts, "out": out}, plan.report), True, False)
+        outputs["report"] = out
     return outputs

@@ -165,7 +165,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         t1s = [r["sets"][s].get("top1") for s in sets]
         cells.append("n/a" if None in kls else f"{sum(kls) / len(kls):.5f}")
         cells.append("n/a" if None in t1s else f"{100 * sum(t1s) / len(t1s):.2f}%")
-        cells += [f"{100 * r['mc'][m]['accuracy']:.1f}%" for m in mcs]
+        cells += [f"{100 * r['mc'][m]['accuracy']:.1f}%" if m in r["mc"] else "skipped" for m in mcs]
         tps = [r["sets"][s]["tokens_per_s"] for s in sets]
         cells.append(f"{sum(tps) / len(tps):.0f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -179,6 +179,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     for r in notes:
         reason = next(s["kl_skipped"] for s in r["sets"].values() if "kl_skipped" in s)
         lines.append(f"\n- {r['name']}: {reason}")
+    for r in report["artifacts"]:  # metrics the worker could not compute (see evaluate/worker.py)
+        for note in r.get("notes") or []:
+            lines.append(f"\n- {r['name']}: {note['metric']} skipped: {note['skipped']}")
     for r in report["artifacts"]:
         if r.get("made_by"):
             lines.append(f"\n- {r['name']} made by `xquant {r['made_by']['command']}` "

@@ -22,6 +22,8 @@ from typing import Iterator
 
 from .calib import BUNDLED, load_set
 from .console import info
+from .convert.tokenizer import save_hf_tokenizer as write_hf_tokenizer
+from .convert.tokenizer import release_tokenizer_config
 from .paths import cache_dir, data_dir
 
 
@@ -101,18 +103,9 @@ def _cached(name: str, key: str, build) -> Path:
 
 # ---------------------------------------------------------------- tokenizer
 
-TOKENIZER_CONFIG = {
-    "tokenizer_class": "LlamaTokenizer",
-    "add_bos_token": True,
-    "add_eos_token": False,
-    "bos_token": "<s>",
-    "eos_token": "</s>",
-    "unk_token": "<unk>",
-    "pad_token": None,
-    "legacy": False,
-    "model_max_length": SPEC.context,
-    "clean_up_tokenization_spaces": False,
-}
+# A LLaMA release's tokenizer_config.json (LlamaTokenizer), with the tiny context: what tests use to
+# lay out third-party releases. save_hf_tokenizer writes xquant's own (PreTrainedTokenizerFast).
+TOKENIZER_CONFIG = release_tokenizer_config(SPEC.context)
 
 
 def train_sentencepiece(lines: list[str], vocab_size: int, user_symbols: list[str] | None = None) -> bytes:
@@ -144,16 +137,8 @@ def train_sentencepiece(lines: list[str], vocab_size: int, user_symbols: list[st
 
 
 def save_hf_tokenizer(sp_model: bytes, out: Path) -> None:
-    """tokenizer.model + tokenizer_config.json, then the fast tokenizer.json transformers derives."""
-    from transformers import AutoTokenizer
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.model").write_bytes(sp_model)
-    (out / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
-    tok = AutoTokenizer.from_pretrained(out)
-    tok.save_pretrained(out)
-    # save_pretrained rewrites tokenizer_config.json; keep ours (it is what a LLaMA release ships).
-    (out / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
+    """tokenizer.model, tokenizer_config.json and tokenizer.json, as `xquant convert` writes them."""
+    write_hf_tokenizer(sp_model, out, SPEC.context)
 
 
 def corpus_lines(split: str = "calib") -> list[str]:

@@ -12,24 +12,48 @@ import functools
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..errors import UnsupportedError
 from ..paths import data_dir
+from .specs import (ExpertsSpec, GGUFSpec, GPTQSpec, MetaConvertSpec, MetaTensorSpec, QuantLayout, TransformersAs,
+                    parse)
 
 
 @dataclass(frozen=True)
 class Architecture:
+    """One converters/<name>.toml: its fields are the file's top-level keys and sections, typed
+    (specs.py); `load` refuses any other key."""
+
     name: str
     hf_architectures: tuple[str, ...]
     model_type: str
-    globals: dict[str, str]
-    layer: dict[str, str]
-    sequential: tuple[tuple[str, ...], ...]
-    layers_module: str = "model.layers"
     gguf_arch: str | None = None
-    meta: dict[str, dict[str, Any]] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+    transformers_as: TransformersAs | None = None
+    globals: dict[str, str] = field(default_factory=dict)
+    layer: dict[str, str] = field(default_factory=dict)
+    quant: QuantLayout = field(default_factory=QuantLayout)
+    meta: dict[str, MetaTensorSpec] = field(default_factory=dict)
+    meta_convert: MetaConvertSpec = field(default_factory=MetaConvertSpec)
+    gguf: GGUFSpec = field(default_factory=GGUFSpec)
+    experts: ExpertsSpec | None = None
+    gptq: GPTQSpec = field(default_factory=GPTQSpec)
+    # Buffers transformers recomputes from config.json (name -> tensor template); left out of outputs.
+    derived: dict[str, str] = field(default_factory=dict)
+    # Config fields a fine-tune keeps from its base -> the value transformers assumes when absent.
+    base_identity: dict[str, str | int | float | bool] = field(default_factory=dict)
+
+    @property
+    def sequential(self) -> tuple[tuple[str, ...], ...]:
+        return self.quant.sequential
+
+    @property
+    def layers_module(self) -> str:
+        return self.quant.layers_module
+
+    @property
+    def is_moe(self) -> bool:
+        """A mixture of experts: decoder layers hold routed experts (`[experts]`)."""
+        return self.experts is not None
 
     def layer_tensor(self, role: str, i: int) -> str:
         return self.layer[role].format(i=i)
@@ -50,18 +74,22 @@ class Architecture:
                 return int(head)
         return None
 
+    def expert_count(self, config: dict) -> int:
+        """The number of routed experts per layer (config key `[experts] count`); 0 for a dense model."""
+        if self.experts is None:
+            return 0
+        n = config.get(self.experts.count)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise UnsupportedError(f"config has no valid {self.experts.count} ({n!r}) for the experts of {self.name}")
+        return n
+
     def expert_tensors(self, i: int, config: dict) -> dict[str, list[str]]:
         """role -> the routed experts' tensor names of decoder layer i, in expert order, from the
-        `[experts]` section ("{e}" = expert index, `count` = the config key of the expert count);
-        empty for a dense model."""
-        spec = self.extra.get("experts")
-        if not spec:
+        `[experts]` templates ("{e}" = expert index); empty for a dense model."""
+        if self.experts is None:
             return {}
-        n = config.get(spec["count"])
-        if not isinstance(n, int) or n < 1:
-            raise UnsupportedError(f"config has no valid {spec['count']} ({n!r}) for the experts of {self.name}")
-        return {role: [tmpl.format(i=i, e=e) for e in range(n)]
-                for role, tmpl in spec.items() if role not in ("count", "used")}
+        n = self.expert_count(config)
+        return {role: [tmpl.format(i=i, e=e) for e in range(n)] for role, tmpl in self.experts.roles.items()}
 
     def num_layers(self, config: dict) -> int:
         value = config.get("num_hidden_layers", config.get("n_layers"))
@@ -78,14 +106,21 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _raw(path: Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+def _raw(path: Path, seen: tuple[str, ...] = ()) -> dict:
     """A file's data with its `base` architecture's data underneath (a LLaMA-like model states
-    only what differs from llama.toml)."""
-    with open(path, "rb") as f:
-        data = tomllib.load(f)
+    only what differs from llama.toml). Each file's own keys and values are checked here, so an
+    error names the file that holds the key."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise UnsupportedError(f"{path}: not valid TOML ({e})") from None
+    parse(Architecture, data, path, partial=True, also_known=("base",))
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str):
+        raise UnsupportedError(f"{path}: 'base' must be string, got {base!r} ({type(base).__name__})")
     if base in seen:
         raise UnsupportedError(f"{path}: architecture bases form a cycle ({' -> '.join((*seen, base))})")
     base_path = path.parent / f"{base}.toml"
@@ -94,29 +129,47 @@ def _raw(path: Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     return _merge(_raw(base_path, (*seen, base)), data)
 
 
-def _load(path: Path) -> Architecture:
+def _check_roles(arch: Architecture, path: Path) -> None:
+    """Roles one section names must exist in the section they refer to."""
+    def need(roles, known, what: str, where: str) -> None:
+        for role in roles:
+            if role not in known:
+                raise UnsupportedError(f"{path}: {what} names role '{role}', which {where} lacks "
+                                       f"(known: {', '.join(known) or '-'})")
+
+    expert_roles = list(arch.experts.roles) if arch.experts else []
+    need(arch.linear_roles(), list(arch.layer), "[quant] sequential", "[layer]")
+    need(arch.gguf.rope_permute, list(arch.layer), "[gguf] rope_permute", "[layer]")
+    need(arch.meta_convert.rope_permute, list(arch.meta), "[meta_convert] rope_permute", "[meta]")
+    for role, spec in arch.meta.items():
+        if spec.dim is None and not spec.replicated:
+            raise UnsupportedError(f"{path}: 'meta.{role}' needs dim (the concatenation axis) or replicated = true")
+    gptq_roles = [r for g in arch.gptq.sequential or () for r in g]
+    need([r for r in gptq_roles if not r.startswith("experts.")], list(arch.layer), "[gptq] sequential", "[layer]")
+    need([r.removeprefix("experts.") for r in gptq_roles if r.startswith("experts.")], expert_roles,
+         "[gptq] sequential", "[experts]")
+    need([r for roles in arch.gptq.fused_experts.values() for r in roles], expert_roles,
+         "[gptq] fused_experts", "[experts]")
+
+
+def load(path: Path) -> Architecture:
+    """The architecture of one converters TOML file (with its `base` underneath). Unknown keys,
+    missing keys, values of the wrong type and roles that do not exist are refused in one line
+    naming the file and the key."""
+    path = Path(path)
     data = _raw(path)
-    quant = data.pop("quant", {})
-    known_keys = {"name", "hf_architectures", "model_type", "gguf_arch", "globals", "layer", "meta"}
-    return Architecture(
-        name=data["name"],
-        hf_architectures=tuple(data["hf_architectures"]),
-        model_type=data.get("model_type", data["name"]),
-        globals=dict(data.get("globals", {})),
-        layer=dict(data.get("layer", {})),
-        sequential=tuple(tuple(g) for g in quant.get("sequential", [])),
-        layers_module=quant.get("layers_module", "model.layers"),
-        gguf_arch=data.get("gguf_arch"),
-        meta=dict(data.get("meta", {})),
-        extra={k: v for k, v in data.items() if k not in known_keys},
-    )
+    if isinstance(data.get("name"), str):
+        data.setdefault("model_type", data["name"])
+    arch = parse(Architecture, data, path)
+    _check_roles(arch, path)
+    return arch
 
 
 @functools.cache
 def _registry() -> dict[str, Architecture]:
     archs = {}
     for path in sorted(data_dir("converters").glob("*.toml")):
-        arch = _load(path)
+        arch = load(path)
         archs[arch.name] = arch
     return archs
 

@@ -8,6 +8,7 @@ import torch
 
 from ..errors import UnsupportedError
 from ..io.dtypes import FLOAT_DTYPES, dtype_name, parse_dtype
+from ..io.finite import check_result
 from ..io.output import Provenance
 from ..io.writer import TensorSpec
 from ..model import open_hf
@@ -16,39 +17,50 @@ from ..pipeline import Plan, TensorJob
 SIDE_FILES = ("generation_config.json",)
 
 
-def cast_job(reader, name: str, dtype: torch.dtype | None, group: int | None) -> TensorJob:
-    """A job copying one tensor, cast to dtype when it is floating point."""
+def cast_job(reader, name: str, dtype: torch.dtype | None, group: int | None, plan: Plan) -> TensorJob:
+    """A job copying one tensor, cast to dtype when it is floating point; NaN/inf refused unless
+    `plan.allow_nonfinite`.
+
+    An unchanged tensor is copied file to file in the kernel only when NaN/inf are allowed: that
+    copy never reads the bytes, and the check must. Otherwise it is written from its mapping
+    (reader.view: no copy) once checked, which costs what the kernel copy would plus one scan.
+    """
     info = reader.info(name)
     out_dtype = dtype if (dtype is not None and info.dtype in FLOAT_DTYPES) else info.dtype
+    same = out_dtype == info.dtype
 
     def produce() -> torch.Tensor:
-        return reader.get(name).to(out_dtype)
+        src = reader.view(name) if same else reader.get(name)
+        out = src.to(out_dtype)
+        check_result(name, out, [(info.file, src)], plan.allow_nonfinite)
+        return out
 
-    same = out_dtype == info.dtype
     return TensorJob(TensorSpec(name, info.shape, out_dtype), produce, group, source=dtype_name(info.dtype),
-                     passthrough=reader.byte_range(name) if same else None)
+                     passthrough=reader.byte_range(name) if same and plan.allow_nonfinite else None)
 
 
-def plan_hf_copy(src: Path, out: Path, dtype: str | None, max_shard_size: int) -> Plan:
+def plan_hf_copy(src: Path, out: Path, dtype: str | None, max_shard_size: int, allow_nonfinite: bool = False) -> Plan:
     model = open_hf(src)
     if model.quantization:
         raise UnsupportedError(f"{src}/config.json: the model is already quantized "
                                f"({model.quantization.get('quant_method')}); convert takes unquantized models")
     arch = model.arch
     target = parse_dtype(dtype) if dtype else None
-    jobs = [cast_job(model.tensors, n, target, arch.layer_of(n)) for n in model.tensors.names()]
     config = dict(model.config)
     if target is not None:
         config["dtype"] = dtype_name(target)
         config.pop("torch_dtype", None)
-    return Plan(
+    plan = Plan(
         title=f"convert {src.name} -> {out.name}",
         out=out,
-        jobs=jobs,
+        jobs=[],
         max_shard_size=max_shard_size,
         provenance=Provenance("convert", {"dtype": dtype, "max_shard_size": max_shard_size,
                                           "source_format": "huggingface"}, [src]),
         json_files={"config.json": config},
         copy_files=[src / n for n in SIDE_FILES if (src / n).exists()] + model.tokenizer_files(),
         readers=[model.tensors],
+        allow_nonfinite=allow_nonfinite,
     )
+    plan.jobs = [cast_job(model.tensors, n, target, arch.layer_of(n), plan) for n in model.tensors.names()]
+    return plan

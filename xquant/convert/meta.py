@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -20,6 +21,7 @@ from ..arch import get as get_arch
 from ..console import info
 from ..errors import ShapeError
 from ..io.dtypes import dtype_name, human_bytes, parse_dtype
+from ..io.finite import check_result
 from ..io.output import Provenance
 from ..io.readers import TensorReader, meta_weight_files, open_meta_tensors
 from ..io.writer import TensorSpec
@@ -48,28 +50,26 @@ class MetaPlan(Plan):
 
 
 def _producer(reader: TensorReader, t: MetaTensor, files: list[Path], shape: tuple[int, ...],
-              dtype: torch.dtype):
+              dtype: torch.dtype, allow_nonfinite: Callable[[], bool]):
     """The job of one output tensor: each shard's slice is read, reordered and cast straight into
     its place in the output, so only the output and one slice are in memory besides the mapping.
     Slices are read as views of the mapping (`reader.view`), never modified, so no copy is made
-    before the one into the output."""
+    before the one into the output. NaN/inf are refused (io/finite.py) naming the shard that holds
+    them, unless `allow_nonfinite()` (the plan's setting, read when the job runs)."""
     n = len(files)
 
-    def produce() -> torch.Tensor:
+    def combine(parts: list[torch.Tensor]) -> torch.Tensor:
         if t.dim is None:
-            first = reader.view(f"0/{t.meta_name}")
             for i in range(1, n):
-                if not torch.equal(first, reader.view(f"{i}/{t.meta_name}")):
+                if not torch.equal(parts[0], parts[i]):
                     raise ShapeError(f"{files[i]}: replicated tensor '{t.meta_name}' differs from its copy in "
                                      f"{files[0].name}")
-            return first.to(dtype)
+            return parts[0].to(dtype)
         if n == 1:
-            w = reader.view(f"0/{t.meta_name}")
-            return (to_hf_rotary(w, t.rotary_heads) if t.rotary_heads else w).to(dtype)
+            return (to_hf_rotary(parts[0], t.rotary_heads) if t.rotary_heads else parts[0]).to(dtype)
         out = torch.empty(shape, dtype=dtype)
         offset = 0
-        for i in range(n):
-            part = reader.view(f"{i}/{t.meta_name}")
+        for part in parts:
             if t.rotary_heads:  # shards hold whole heads, so each slice is reordered on its own
                 part = to_hf_rotary(part, t.rotary_heads // n)
             size = part.shape[t.dim]
@@ -78,10 +78,17 @@ def _producer(reader: TensorReader, t: MetaTensor, files: list[Path], shape: tup
             del part
         return out
 
+    def produce() -> torch.Tensor:
+        parts = [reader.view(f"{i}/{t.meta_name}") for i in range(n)]  # views of the mappings: no copies
+        out = combine(parts)
+        check_result(t.meta_name, out, zip(files, parts), allow_nonfinite())
+        return out
+
     return produce
 
 
-def plan_meta_to_hf(src: Path, out: Path, dtype: str | None, max_shard_size: int, context: int | None = None) -> Plan:
+def plan_meta_to_hf(src: Path, out: Path, dtype: str | None, max_shard_size: int, context: int | None = None,
+                    allow_nonfinite: bool = False) -> Plan:
     """Plan the conversion of a Meta LLaMA directory; raises a typed error on any inconsistency."""
     src = require_dir(Path(src))
     params = MetaParams.read(src / "params.json")
@@ -99,6 +106,11 @@ def plan_meta_to_hf(src: Path, out: Path, dtype: str | None, max_shard_size: int
     target = parse_dtype(dtype) if dtype else None
     config_dtype = target or source_dtypes.most_common(1)[0][0]
     n = len(files)
+    plan: MetaPlan | None = None  # made below from the jobs; they read its settings when they run
+
+    def allow() -> bool:
+        return plan is not None and plan.allow_nonfinite
+
     jobs: list[TensorJob] = []
     group_bytes: Counter[int] = Counter()
     working = 0
@@ -111,7 +123,7 @@ def plan_meta_to_hf(src: Path, out: Path, dtype: str | None, max_shard_size: int
         # Globals get their own groups so the embedding's pages are released before layer 0.
         group = t.layer if t.layer is not None else (-1 if t.role == "embed" else params.n_layers)
         jobs.append(TensorJob(TensorSpec(t.hf_name, tuple(shape), out_dtype),
-                              _producer(reader, t, files, tuple(shape), out_dtype), group,
+                              _producer(reader, t, files, tuple(shape), out_dtype, allow), group,
                               source=f"{t.meta_name}: {t.describe(n)}"))
         group_bytes[group] += sum(i.nbytes for i in infos)
         # The output, plus a slice and its reordered copy (or two replicated copies being compared).
@@ -134,7 +146,7 @@ def plan_meta_to_hf(src: Path, out: Path, dtype: str | None, max_shard_size: int
         f"max_position_embeddings {context}: {why_context}",
         tokenizer_check,
     ]
-    return MetaPlan(
+    plan = MetaPlan(
         title=f"convert {src.name} (Meta) -> {Path(out).name}",
         out=Path(out),
         jobs=jobs,
@@ -152,4 +164,6 @@ def plan_meta_to_hf(src: Path, out: Path, dtype: str | None, max_shard_size: int
         notes=notes,
         group_bytes=max(group_bytes.values(), default=0),
         working_bytes=working,
+        allow_nonfinite=allow_nonfinite,
     )
+    return plan

@@ -61,12 +61,12 @@ def _entry(arch: Architecture, role: str, p: MetaParams, layer: int | None) -> M
     if role not in ROLE_SHAPES:
         raise UnsupportedError(f"converters/{arch.name}.toml: Meta role '{role}' has no known shape")
     hf = arch.globals[role] if layer is None else arch.layer_tensor(role, layer)
-    permute = arch.extra.get("meta_convert", {}).get("rope_permute", {})
+    permute = arch.meta_convert.rope_permute
     heads = getattr(p, permute[role]) if role in permute else None
-    if heads and spec.get("dim", 0) != 0:
+    if heads and (spec.dim or 0) != 0:
         raise UnsupportedError(f"converters/{arch.name}.toml: rotary role '{role}' must be split on dim 0")
-    return MetaTensor(role, layer, spec["name"].format(i=layer), hf,
-                      None if spec.get("replicated") else int(spec["dim"]), ROLE_SHAPES[role], heads)
+    return MetaTensor(role, layer, spec.name.format(i=layer), hf,
+                      None if spec.replicated else spec.dim, ROLE_SHAPES[role], heads)
 
 
 def meta_tensors(arch: Architecture, p: MetaParams) -> list[MetaTensor]:
@@ -83,7 +83,7 @@ def meta_tensors(arch: Architecture, p: MetaParams) -> list[MetaTensor]:
 
 def ignored_names(arch: Architecture) -> set[str]:
     """Meta tensors with nothing to convert (LLaMA-1's precomputed rotary frequencies)."""
-    return set(arch.extra.get("meta_convert", {}).get("ignored", []))
+    return set(arch.meta_convert.ignored)
 
 
 # ---------------------------------------------------------------- rotary order

@@ -20,16 +20,12 @@ from typing import Iterator
 
 import torch
 
-from ..errors import InputError
 from ..io.dtypes import dtype_name
+from ..io.finite import NonFiniteError
 
 # 256 Ki elements (1 MiB as float32): a chunk's inputs and output stay in a core's L2 cache, so the
 # NaN/inf scan right after the sum reads cache, not memory (measured 4-10x cheaper than at 4 Mi).
 CHUNK_ELEMENTS = 1 << 18
-
-
-class NonFiniteError(InputError):
-    """An input holds NaN/inf, or the result does not fit the requested dtype."""
 
 
 @contextlib.contextmanager

@@ -83,7 +83,7 @@ def check_shapes(base: HFModel, other: HFModel, label: str) -> Architecture:
 def base_identity_mismatches(arch: Architecture, base_cfg: dict, other_cfg: dict) -> list[str]:
     """'field a vs b' for every identity field on which the two configs disagree."""
     out = []
-    for field, default in arch.extra.get("base_identity", {}).items():
+    for field, default in arch.base_identity.items():
         a, b = _config_value(base_cfg, field, default), _config_value(other_cfg, field, default)
         if not _same(a, b):
             out.append(f"{field} {a} vs {b}")
@@ -131,7 +131,7 @@ class Pair:
 
 
 def derived_names(arch: Architecture, layers: int) -> set[str]:
-    templates = arch.extra.get("derived", {}).values()
+    templates = arch.derived.values()
     return {t.format(i=i) for t in templates for i in range(layers)}
 
 

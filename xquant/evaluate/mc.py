@@ -16,6 +16,11 @@ from pathlib import Path
 from ..errors import CorruptFileError, InputError
 
 COLUMNS = ("question", "A", "B", "C", "D", "answer")
+
+
+class UnscorableError(InputError):
+    """This tokenizer cannot be scored on this multiple-choice set (its option letters do not begin
+    with distinct tokens): the report skips the column with this note, and computes the rest."""
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
@@ -77,7 +82,8 @@ def choice_token_ids(encode, prompt: str) -> tuple[list[int], list[int]]:
         k += 1
     firsts = [e[k] if k < len(e) else -1 for e in encodings]
     if -1 in firsts or len(set(firsts)) != 4:
-        raise InputError("the four option letters do not start with distinct tokens after the prompt")
+        raise UnscorableError("the four option letters do not start with distinct tokens after the prompt "
+                              "(first-token scoring needs them distinct)")
     return base[:k], firsts
 
 

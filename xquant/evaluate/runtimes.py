@@ -106,8 +106,8 @@ class _Transformers(Runtime):
         from ..arch import for_config
 
         config = json.loads((path / "config.json").read_text())
-        alias = for_config(config, str(path / "config.json")).extra.get("transformers_as")
-        if not alias:
+        alias = for_config(config, str(path / "config.json")).transformers_as
+        if alias is None:
             return path
         import tempfile
 
@@ -116,8 +116,8 @@ class _Transformers(Runtime):
         for f in path.iterdir():
             if f.name != "config.json":
                 (view / f.name).symlink_to(f.resolve())
-        (view / "config.json").write_text(json.dumps({**config, **alias}))
-        self.engine = f"{self.engine} (as {alias['architectures'][0]})"
+        (view / "config.json").write_text(json.dumps({**config, **alias.config_fields()}))
+        self.engine = f"{self.engine} (as {alias.architectures[0]})"
         return view
 
     def close(self) -> None:
@@ -191,7 +191,7 @@ class GPTQRuntime(_Transformers):
             return self._dequantized(auto)
         from ..arch import for_config
 
-        if for_config(json.loads((self.path / "config.json").read_text())).extra.get("experts"):
+        if for_config(json.loads((self.path / "config.json").read_text())).is_moe:
             from gptqmodel import GPTQModel
 
             self.engine = "gptqmodel (GPTQModel.load, per-expert modules)"
@@ -200,7 +200,7 @@ class GPTQRuntime(_Transformers):
         return auto.from_pretrained(self.path, device_map=self.device)
 
     def _dequantized(self, auto):
-        from ..quant.gptq.reference import load_dequantized
+        from .gptq_reference import load_dequantized
 
         self.engine = "xquant dequantized reference (no GPTQ loader installed)"
         return load_dequantized(self.path, device=self.device)

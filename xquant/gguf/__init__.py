@@ -7,7 +7,8 @@ quantizer for k-/i-quants), imatrix (importance matrices: compute, save, load).
 
 from .outtypes import known as known_types
 from .plan import GGUFPlan, plan_gguf
-from .writer import GGUFResult, execute
+from .writer import GGUFResult
+from ..pipeline import execute
 
 __all__ = ["GGUFPlan", "GGUFResult", "convert_gguf", "execute", "known_types", "plan_gguf"]
 
@@ -16,5 +17,5 @@ def convert_gguf(src, out, outtype: str = "f16", calibration: str | None = None,
                  split_max_size: str | int | None = None, force: bool = False, imatrix_chunks: int = 64,
                  imatrix=None, save_imatrix=None, threads: int | None = None) -> GGUFResult:
     """Plan and write a GGUF file in one call (what the demo and scripts use)."""
-    plan = plan_gguf(src, out, outtype, calibration, split_max_size, imatrix_chunks, imatrix, save_imatrix)
-    return execute(plan, force=force, threads=threads)
+    plan = plan_gguf(src, out, outtype, calibration, split_max_size, imatrix_chunks, imatrix, save_imatrix, threads)
+    return execute(plan, force=force)

@@ -219,7 +219,7 @@ def _layer_experts(plan: "GGUFPlan", i: int, prefix: str) -> _Experts | None:
         return None
     by_stack = {t.stack: t.name for t in plan.tensors if t.stack}
     gguf_names = {role: by_stack[tuple(names)] for role, names in roles.items()}
-    template = arch.extra["experts"][next(iter(roles))].format(i=i, e="{e}")
+    template = arch.experts.roles[next(iter(roles))].format(i=i, e="{e}")
     module = template.split(".{e}.", 1)[0].removeprefix(prefix)
     return _Experts(module, len(next(iter(roles.values()))), gguf_names, roles)
 

@@ -17,16 +17,16 @@ from gguf import GGMLQuantizationType as Q
 from ..arch import Architecture
 from ..errors import InputError, ShapeError, UnsupportedError
 from ..io.dtypes import dtype_name, human_bytes, parse_size
-from ..io.output import Provenance
+from ..io.output import ArtifactDir, Provenance
 from ..io.readers import TensorReader
 from ..model import detect, open_hf
+from ..pipeline import BASE_MEMORY, Executable, Output
 from . import outtypes
 from .metadata import KV, general_kv, hparams_kv
 from .outtypes import OutType
 from .vocab import Vocab, load_vocab
 
 # Interpreter, torch, numpy and gguf resident before any tensor is read.
-BASE_MEMORY = 512 * 2**20
 # Rows are quantized in chunks of about this many values, bounding numpy's temporaries.
 CHUNK_VALUES = 16 * 2**20
 
@@ -57,7 +57,7 @@ class GGUFTensor:
 
 
 @dataclass
-class GGUFPlan:
+class GGUFPlan(Executable):
     src: Path
     out: Path
     outtype: OutType
@@ -76,6 +76,9 @@ class GGUFPlan:
     imatrix_file: Path | None = None  # an existing llama.cpp imatrix file, instead of --calibration
     imatrix_out: Path | None = None  # where to save the computed importance matrix
     notes: list[str] = field(default_factory=list)
+    allow_nonfinite: bool = False  # NaN/inf weights pass instead of being refused (io/finite.py)
+    threads: int | None = None  # llama.cpp's quantizer and the importance matrix (default: all cores)
+    matrix: Any = field(default=None, repr=False)  # the importance matrix, once `prepare` has it
 
     @property
     def title(self) -> str:
@@ -164,6 +167,29 @@ class GGUFPlan:
     def to_json(self) -> dict[str, Any]:
         return {"title": self.title, "summary": self.summary(), "tensors": self.rows()}
 
+    # The executor's side (pipeline.execute); the work itself is in writer.py.
+    def outputs(self) -> list[Output]:
+        files = ([self.imatrix_out] if self.imatrix_out else []) + self.output_paths()
+        return [Output(p, directory=False) for p in files]
+
+    def prepare(self, force: bool, resume: bool) -> None:
+        from .writer import prepare
+
+        super().prepare(force, resume)
+        prepare(self)
+
+    def write(self, handles: list[ArtifactDir]) -> None:
+        from .writer import write
+
+        write(self, handles)
+
+    def result(self):
+        from .writer import GGUFResult
+
+        outs = self.output_paths()
+        return GGUFResult(outs, self.outtype.name, sum(p.stat().st_size for p in outs), len(self.tensors),
+                          len(self.matrix.entries) if self.matrix is not None else 0)
+
 
 def gguf_arch_of(arch: Architecture) -> str:
     if not arch.gguf_arch or arch.gguf_arch not in _ARCHS:
@@ -179,7 +205,7 @@ def gguf_arch_of(arch: Architecture) -> str:
 def check_required(arch: Architecture, config: dict[str, Any], gguf_arch: str, source: str) -> None:
     """Config values the llama.cpp architecture's graph hard-codes (`[gguf] require`): any other
     value would load and run with the wrong math, so it is refused."""
-    for key, want in arch.extra.get("gguf", {}).get("require", {}).items():
+    for key, want in arch.gguf.require.items():
         got = config.get(key, want)
         if got != want:
             raise UnsupportedError(f"{source}: {key} = {json.dumps(got)} is not supported by llama.cpp's "
@@ -204,7 +230,6 @@ def expert_stacks(reader: TensorReader, arch: Architecture, config: dict[str, An
     """Per-expert tensor name -> (the stacked tensor's HF-style name, every expert's name in order).
     llama.cpp holds each layer's routed experts of a role as one 3-D tensor; all must exist with
     one shape and dtype."""
-    spec = arch.extra.get("experts") or {}
     out: dict[str, tuple[str, tuple[str, ...]]] = {}
     for i in range(n_layers):
         for role, names in arch.expert_tensors(i, config).items():
@@ -218,7 +243,7 @@ def expert_stacks(reader: TensorReader, arch: Architecture, config: dict[str, An
                 if (info.shape, info.dtype) != (first.shape, first.dtype):
                     raise ShapeError(f"{info.file}: tensor '{name}' is {list(info.shape)} {dtype_name(info.dtype)}, "
                                      f"expert 0 is {list(first.shape)} {dtype_name(first.dtype)}")
-            stacked = spec[role].replace(".{e}", "").format(i=i)
+            stacked = arch.experts.roles[role].replace(".{e}", "").format(i=i)
             for name in names:
                 out[name] = (stacked, tuple(names))
     return out
@@ -230,10 +255,9 @@ def plan_tensors(reader: TensorReader, arch: Architecture, config: dict[str, Any
     one stacked tensor per layer and role)."""
     n_layers = arch.num_layers(config)
     name_map = gguf.get_tensor_name_map(_ARCHS[gguf_arch], n_layers)
-    spec = arch.extra.get("gguf", {})
-    skip = tuple(spec.get("skip", ()))
-    keep_f32 = set(spec.get("f32", ()))
-    permute = {arch.layer[role]: config.get(key) for role, key in spec.get("rope_permute", {}).items()}
+    skip = arch.gguf.skip
+    keep_f32 = set(arch.gguf.f32)
+    permute = {arch.layer[role]: config.get(key) for role, key in arch.gguf.rope_permute.items()}
     stacks = expert_stacks(reader, arch, config, n_layers)
     out: list[GGUFTensor] = []
     for name in reader.names():
@@ -281,7 +305,8 @@ def check_shapes(tensors: list[GGUFTensor], config: dict[str, Any], vocab: Vocab
 
 def plan_gguf(src: Path, out: Path, outtype: str = "f16", calibration: str | None = None,
               split_max_size: str | int | None = None, imatrix_chunks: int = 64,
-              imatrix: Path | None = None, save_imatrix: Path | None = None) -> GGUFPlan:
+              imatrix: Path | None = None, save_imatrix: Path | None = None,
+              threads: int | None = None) -> GGUFPlan:
     """Plan converting a Hugging Face LLaMA-family directory to GGUF of the given type.
 
     The importance matrix comes from `calibration` (a bundled set name or a text path, run through
@@ -317,7 +342,7 @@ def plan_gguf(src: Path, out: Path, outtype: str = "f16", calibration: str | Non
     if otype.needs_imatrix and not matrix:
         raise UnsupportedError(f"{otype.name} needs an importance matrix: add --calibration NAME|PATH "
                                f"(llama.cpp refuses this type without one)")
-    vocab = load_vocab(src, config, arch.extra.get("gguf", {}).get("vocab"))
+    vocab = load_vocab(src, config, arch.gguf.vocab)
     reader = model.tensors
     dtypes = {dtype_name(i.dtype) for i in reader.infos()}
     stage = otype if otype.direct is not None and not (matrix and otype.uses_imatrix) \
@@ -327,7 +352,7 @@ def plan_gguf(src: Path, out: Path, outtype: str = "f16", calibration: str | Non
     n_params = sum(t.numel for t in tensors)
     # The file xquant writes carries its own type; llama.cpp's quantizer sets the final one.
     kv = general_kv(src, config, n_params, stage.ftype) + hparams_kv(
-        config, gguf_arch, arch.num_layers(config), source, arch.extra.get("gguf", {}).get("hparams", {}))
+        config, gguf_arch, arch.num_layers(config), source, arch.gguf.hparams)
     max_size = parse_size(split_max_size) if split_max_size else 0
     options = {"outtype": otype.name, "calibration": calibration, "split_max_size": max_size or None,
                "imatrix_chunks": imatrix_chunks if calibration else None,
@@ -341,4 +366,5 @@ def plan_gguf(src: Path, out: Path, outtype: str = "f16", calibration: str | Non
     return GGUFPlan(src, out, otype, stage, gguf_arch, arch, kv, vocab, tensors, reader, config,
                     Provenance("gguf", options, [src] + ([Path(imatrix)] if imatrix else [])), max_size,
                     calibration, imatrix_chunks if calibration else 0,
-                    Path(imatrix) if imatrix else None, Path(save_imatrix) if save_imatrix else None, notes)
+                    Path(imatrix) if imatrix else None, Path(save_imatrix) if save_imatrix else None, notes,
+                    threads)

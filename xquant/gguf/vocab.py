@@ -6,7 +6,8 @@ SentencePiece model, and padding up to the config's vocab_size) and `bpe` (byte-
 tokenizer.json, with the pre-tokenizer name llama.cpp needs); `sentencepiece-json` (in
 vocab_spm_json.py: SentencePiece-style BPE shipped as tokenizer.json only, e.g. XVERSE). An
 architecture may name its loader in converters/<arch>.toml (`[gguf] vocab = "..."`), else the
-files decide.
+files decide. The registry, the `Vocab` value and the readers loaders share live in
+vocab_registry.py, which every loader module imports (none imports another).
 
 Facts followed (llama.cpp convert_hf_to_gguf.py, gguf-py, llama-vocab.cpp):
 - token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte;
@@ -19,75 +20,19 @@ Facts followed (llama.cpp convert_hf_to_gguf.py, gguf-py, llama-vocab.cpp):
 from __future__ import annotations
 
 import json
-import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import gguf
 
 from ..errors import CorruptFileError, InputError, ShapeError, UnsupportedError
+from . import vocab_spm_json  # noqa: F401  (registers "sentencepiece-json")
+from .vocab_registry import (BYTE, CONTROL, LOADERS, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, Vocab, added_tokens,
+                             loader, looks_special, read_bpe_json, read_json, too_small)
 
-# gguf-py reports through `logging`; its warnings (e.g. a skipped special id) are not errors here.
-logging.getLogger("gguf").setLevel(logging.ERROR)
-
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (int(t) for t in (
-    gguf.TokenType.NORMAL, gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL,
-    gguf.TokenType.USER_DEFINED, gguf.TokenType.UNUSED, gguf.TokenType.BYTE))
-
-
-@dataclass
-class Vocab:
-    """Everything `tokenizer.ggml.*` holds, as plain data (printed by --dry-run, written by the writer)."""
-
-    kind: str  # loader name: "sentencepiece", "bpe"
-    model: str  # tokenizer.ggml.model: "llama" (SentencePiece) or "gpt2" (byte-level BPE)
-    pre: str  # tokenizer.ggml.pre
-    tokens: list[bytes]
-    types: list[int]
-    scores: list[float] | None
-    source: Path
-    special: gguf.SpecialVocab | None = None
-    added: int = 0  # tokens beyond the base model (added tokens)
-    padded: int = 0  # "[PAD<id>]" entries up to the config's vocab_size
-    add_space_prefix: bool | None = None  # tokenizer.ggml.add_space_prefix, written when known
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def add_to(self, writer: gguf.GGUFWriter) -> None:
-        writer.add_tokenizer_model(self.model)
-        writer.add_tokenizer_pre(self.pre)
-        writer.add_token_list(self.tokens)
-        if self.scores is not None:
-            writer.add_token_scores(self.scores)
-        writer.add_token_types(self.types)
-        if self.add_space_prefix is not None:
-            writer.add_add_space_prefix(self.add_space_prefix)
-        if self.special is not None:
-            self.special.add_to_gguf(writer, quiet=True)
-
-    def summary(self) -> str:
-        special = self.special.special_token_ids if self.special else {}
-        ids = ", ".join(f"{k}={v}" for k, v in special.items())
-        extra = f", {self.added} added" if self.added else ""
-        extra += f", {self.padded} padding" if self.padded else ""
-        return f"{self.model}/{self.pre} from {self.source.name}: {len(self)} tokens{extra}; {ids}"
-
-
-Loader = Callable[[Path, int, dict[str, Any]], Vocab]
-_LOADERS: dict[str, Loader] = {}
-
-
-def loader(name: str) -> Callable[[Loader], Loader]:
-    """Register a vocabulary loader under `name` (what converters/<arch>.toml may ask for)."""
-
-    def deco(fn: Loader) -> Loader:
-        _LOADERS[name] = fn
-        return fn
-
-    return deco
+__all__ = ["BYTE", "CONTROL", "NORMAL", "UNKNOWN", "UNUSED", "USER_DEFINED", "Vocab", "added_tokens",
+           "bpe_pre_name", "known", "load_vocab", "loader", "read_bpe_json"]
 
 
 def load_vocab(model_dir: Path, config: dict[str, Any], kind: str | None = None) -> Vocab:
@@ -97,9 +42,9 @@ def load_vocab(model_dir: Path, config: dict[str, Any], kind: str | None = None)
         raise InputError(f"{model_dir / 'config.json'}: no valid vocab_size")
     kind = kind or _detect(model_dir)
     try:
-        load = _LOADERS[kind]
+        load = LOADERS[kind]
     except KeyError:
-        raise UnsupportedError(f"unknown tokenizer kind '{kind}' (known: {', '.join(_LOADERS)})") from None
+        raise UnsupportedError(f"unknown tokenizer kind '{kind}' (known: {', '.join(known())})") from None
     vocab = load(model_dir, n_vocab, config)
     if len(vocab) != n_vocab:  # loaders pad or fail; this guards the invariant
         raise ShapeError(f"{vocab.source}: built {len(vocab)} tokens for vocab_size {n_vocab}")
@@ -111,52 +56,15 @@ def _detect(model_dir: Path) -> str:
         return "sentencepiece"
     tj = model_dir / "tokenizer.json"
     if tj.is_file():
-        model = _read_json(tj).get("model", {})
+        model = read_json(tj).get("model", {})
         if model.get("type") == "BPE" and not model.get("byte_fallback", False):
             return "bpe"
-        if model.get("type") == "BPE" and _metaspace(_read_json(tj)):
+        if model.get("type") == "BPE" and _metaspace(read_json(tj)):
             return "sentencepiece-json"  # SentencePiece-style BPE released as tokenizer.json only
         raise UnsupportedError(f"{tj}: a {model.get('type')} tokenizer"
                                f"{' with byte fallback' if model.get('byte_fallback') else ''} needs its "
                                f"tokenizer.model (SentencePiece) beside it")
     raise InputError(f"{model_dir}: tokenizer files missing (need tokenizer.model or tokenizer.json)")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFileError(f"{path}: cannot read tokenizer data ({e})") from None
-    return obj if isinstance(obj, dict) else {}
-
-
-def _too_small(model_dir: Path, n_vocab: int, needed: int, what: str) -> ShapeError:
-    return ShapeError(f"{model_dir / 'config.json'}: vocab_size {n_vocab} is smaller than the tokenizer's "
-                      f"{needed} tokens ({what})")
-
-
-def _looks_special(token: str) -> bool:
-    """Tokens written like chat markers are control tokens even when not flagged special."""
-    return (token.startswith("<|") and token.endswith("|>")) or \
-        (token.startswith("<｜") and token.endswith("｜>")) or token in ("<pad>", "<mask>")
-
-
-def added_tokens(model_dir: Path) -> dict[int, tuple[str, bool]]:
-    """id -> (content, special) from added_tokens.json, tokenizer_config.json and tokenizer.json."""
-    found: dict[int, tuple[str, bool]] = {}
-    if (p := model_dir / "added_tokens.json").is_file():
-        for content, tid in _read_json(p).items():
-            if isinstance(tid, int):
-                found[tid] = (content, False)
-    if (p := model_dir / "tokenizer_config.json").is_file():
-        for tid, data in (_read_json(p).get("added_tokens_decoder") or {}).items():
-            if isinstance(data, dict) and "content" in data:
-                found[int(tid)] = (data["content"], bool(data.get("special")))
-    if (p := model_dir / "tokenizer.json").is_file():
-        for data in _read_json(p).get("added_tokens") or []:
-            if isinstance(data, dict) and isinstance(data.get("id"), int) and "content" in data:
-                found.setdefault(data["id"], (data["content"], bool(data.get("special"))))
-    return found
 
 
 @loader("sentencepiece")
@@ -172,7 +80,7 @@ def sentencepiece_vocab(model_dir: Path, n_vocab: int, config: dict[str, Any]) -
         raise CorruptFileError(f"{path}: not a SentencePiece model ({str(e).splitlines()[0] if str(e) else e})") from None
     n_sp = sp.vocab_size()
     if n_sp > n_vocab:
-        raise _too_small(model_dir, n_vocab, n_sp, path.name)
+        raise too_small(model_dir, n_vocab, n_sp, path.name)
     tokens = [f"[PAD{i}]".encode() for i in range(n_vocab)]
     scores = [-10000.0] * n_vocab
     types = [UNUSED] * n_vocab
@@ -183,13 +91,13 @@ def sentencepiece_vocab(model_dir: Path, n_vocab: int, config: dict[str, Any]) -
                     UNUSED if sp.IsUnused(i) else BYTE if sp.IsByte(i) else NORMAL)
     extra = added_tokens(model_dir)
     if extra and max(extra) >= n_vocab:
-        raise _too_small(model_dir, n_vocab, max(extra) + 1, f"added token '{extra[max(extra)][0]}'")
+        raise too_small(model_dir, n_vocab, max(extra) + 1, f"added token '{extra[max(extra)][0]}'")
     n_added = 0
     for tid, (content, special) in sorted(extra.items()):
         if tid < n_sp and tokens[tid] == content.encode("utf-8"):
             continue  # the SentencePiece piece itself (<unk>, <s>, </s>): keep its own type and score
         n_added += tid >= n_sp
-        if special or _looks_special(content):
+        if special or looks_special(content):
             types[tid] = CONTROL
         else:
             types[tid] = USER_DEFINED
@@ -235,23 +143,6 @@ def bpe_pre_name(tokenizer_json: dict[str, Any], source: Path) -> str:
                            f"equivalent known to xquant (known: {', '.join(sorted(set(BPE_PRE_TOKENIZERS.values())))})")
 
 
-def read_bpe_json(model_dir: Path, n_vocab: int, what: str
-                  ) -> tuple[Path, dict[str, Any], dict[str, int], dict[int, tuple[str, bool]]]:
-    """tokenizer.json of a BPE model: (path, the JSON, base vocab, added tokens), the vocabulary
-    checked to fit in n_vocab rows."""
-    path = model_dir / "tokenizer.json"
-    tj = _read_json(path)
-    model = tj.get("model") or {}
-    base: dict[str, int] = model.get("vocab") or {}
-    if model.get("type") != "BPE" or not base:
-        raise UnsupportedError(f"{path}: not {what} (model type {model.get('type')})")
-    extra = added_tokens(model_dir)
-    needed = max([*base.values(), *extra]) + 1
-    if needed > n_vocab:
-        raise _too_small(model_dir, n_vocab, needed, path.name)
-    return path, tj, base, extra
-
-
 @loader("bpe")
 def bpe_vocab(model_dir: Path, n_vocab: int, config: dict[str, Any]) -> Vocab:
     """A byte-level BPE tokenizer.json (GPT-2 style): tokens by id, merges, pre-tokenizer type."""
@@ -263,7 +154,7 @@ def bpe_vocab(model_dir: Path, n_vocab: int, config: dict[str, Any]) -> Vocab:
         tokens[tid], types[tid] = text.encode("utf-8"), NORMAL
     for tid, (content, special) in extra.items():
         tokens[tid] = content.encode("utf-8")
-        types[tid] = CONTROL if special or _looks_special(content) else USER_DEFINED
+        types[tid] = CONTROL if special or looks_special(content) else USER_DEFINED
     padded = n_vocab - len(set(base.values()) | set(extra))
     return Vocab("bpe", "gpt2", pre, tokens, types, None, path,
                  gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab),
@@ -277,9 +168,6 @@ def _metaspace(tokenizer_json: dict[str, Any]) -> bool:
 
 
 def known() -> list[str]:
-    return list(_LOADERS)
+    """The registered loader names."""
+    return sorted(LOADERS)
 
-
-
-# Loaders in their own modules register on import; at the end, since they import this module.
-from . import vocab_spm_json  # noqa: E402,F401

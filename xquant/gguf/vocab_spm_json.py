@@ -23,7 +23,7 @@ from typing import Any
 import gguf
 
 from ..errors import UnsupportedError
-from .vocab import BYTE, CONTROL, NORMAL, UNUSED, USER_DEFINED, Vocab, _looks_special, loader, read_bpe_json
+from .vocab_registry import BYTE, CONTROL, NORMAL, UNUSED, USER_DEFINED, Vocab, loader, looks_special, read_bpe_json
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
@@ -73,7 +73,7 @@ def sentencepiece_json_vocab(model_dir: Path, n_vocab: int, config: dict[str, An
     ids = set(base.values())
     for tid, (content, special) in extra.items():
         tokens[tid] = content.encode("utf-8")
-        types[tid] = CONTROL if special or _looks_special(content) else USER_DEFINED
+        types[tid] = CONTROL if special or looks_special(content) else USER_DEFINED
         if tid not in ids:
             scores[tid] = -1000.0  # as llama.cpp's converter scores added tokens
     n_bytes = sum(1 for t in types if t == BYTE)

@@ -26,8 +26,9 @@ from gguf import GGMLQuantizationType as Q
 
 from ..console import info, progress
 from ..errors import DiskFullError, OutputError
+from ..io.finite import check_finite, check_result
 from ..io.hashing import FileHasher
-from ..io.output import atomic_file, check_output_path
+from ..io.output import ArtifactDir
 from ..io.writer import copy_range
 from .metadata import KV, add_all, provenance_kv, source_digest
 from .plan import CHUNK_VALUES, GGUFPlan, GGUFTensor
@@ -63,16 +64,25 @@ def encode(t: torch.Tensor, qtype: Q) -> np.ndarray:
 
 
 def produce(plan: GGUFPlan, t: GGUFTensor) -> np.ndarray:
-    """Read one source tensor, transform it, encode it; checks the byte count against the plan."""
+    """Read one source tensor, transform it, encode it; checks the byte count against the plan, and
+    refuses NaN/inf in the source (or float16 overflow) unless `plan.allow_nonfinite`."""
+    allow = plan.allow_nonfinite
     if t.stack:  # routed experts: one layer's experts of a role, stacked (expert-major)
-        data = torch.stack([plan.reader.get(name) for name in t.stack])
+        parts = [plan.reader.get(name) for name in t.stack]
+        for name, part in zip(t.stack, parts):
+            check_finite(name, part, plan.reader.info(name).file, allow)
+        data = torch.stack(parts)
+        del parts
     else:
         data = plan.reader.get(t.source)
+        check_finite(t.source, data, plan.reader.info(t.source).file, allow)
     if tuple(data.shape) != t.shape:
         raise OutputError(f"{t.source}: shape {tuple(data.shape)} differs from the plan's {t.shape}")
     if t.permute_heads:
         data = reverse_rotary_permutation(data, t.permute_heads)
     arr = encode(data, t.qtype)
+    if t.qtype == Q.F16 and data.dtype != torch.float16:  # values beyond ±65504 become inf
+        check_result(t.source, torch.from_numpy(arr), [(plan.reader.info(t.source).file, data)], allow)
     if arr.nbytes != t.nbytes:
         raise OutputError(f"{t.name}: encoded {arr.nbytes} bytes, the plan says {t.nbytes}")
     return arr
@@ -83,10 +93,16 @@ _SAME_BYTES = {(Q.F32, torch.float32), (Q.F16, torch.float16), (Q.BF16, torch.bf
 
 def passthrough(plan: GGUFPlan, t: GGUFTensor) -> tuple[Path, int] | None:
     """(file, offset) of source bytes that already are the output's bytes (same encoding, no
-    permutation): those are copied file to file in the kernel, as cp does."""
-    if t.permute_heads or t.stack or (t.qtype, plan.reader.info(t.source).dtype) not in _SAME_BYTES:
+    permutation): those are copied file to file in the kernel, as cp does. The copy never reads
+    them, so unless `plan.allow_nonfinite` they are scanned for NaN/inf first, in their mapping
+    (no copy; the kernel then copies pages the scan brought into the page cache)."""
+    info = plan.reader.info(t.source)
+    if t.permute_heads or t.stack or (t.qtype, info.dtype) not in _SAME_BYTES:
         return None
-    return plan.reader.byte_range(t.source)
+    src = plan.reader.byte_range(t.source)
+    if src is not None and not plan.allow_nonfinite:
+        check_finite(t.source, plan.reader.view(t.source), info.file)
+    return src
 
 
 def _copy_into(fout, src: tuple[Path, int], nbytes: int) -> bool:
@@ -209,40 +225,41 @@ def _split_paths(prefix: Path, n: int) -> list[Path]:
     return [prefix.with_name(f"{prefix.name}-{i + 1:05d}-of-{n:05d}.gguf") for i in range(n)]
 
 
-def execute(plan: GGUFPlan, force: bool = False, threads: int | None = None) -> GGUFResult:
-    """Carry out a plan: (importance matrix), then the GGUF file(s), each atomically."""
+def prepare(plan: GGUFPlan) -> None:
+    """Before any output is opened: the importance matrix (read, or computed from calibration
+    text), checked against the plan, and recorded in the provenance."""
     from . import imatrix as im
 
-    outs = plan.output_paths()
-    imatrix_out = plan.imatrix_out
-    for p in outs + ([imatrix_out] if imatrix_out else []):  # refuse before any long computation
-        check_output_path(p, plan.provenance.inputs, force)
     matrix = None
     if plan.imatrix_file is not None:
         matrix = im.Imatrix.load(plan.imatrix_file)
     elif plan.calibration:
-        matrix = im.compute_imatrix(plan, threads=threads)
+        matrix = im.compute_imatrix(plan, threads=plan.threads)
     if matrix is not None:
         matrix.check(plan)
-    info("hashing the inputs (cached) for the provenance keys")
-    digest = source_digest(plan.provenance.input_records())
-    if matrix is not None:
         plan.provenance.options["imatrix"] = matrix.describe()
-    extra = provenance_kv("gguf", plan.provenance.options, digest)
-    with contextlib.ExitStack() as stack:
-        if imatrix_out is not None and matrix is not None:
-            tmp = stack.enter_context(atomic_file(imatrix_out, plan.provenance, force))
-            with disk_full_as_error(imatrix_out):
-                matrix.save(tmp)
-        known: dict[Path, str] = {}
-        tmps = [stack.enter_context(atomic_file(p, plan.provenance, force, known)) for p in outs]
-        if not plan.outtype.by_llama_cpp and plan.stage is plan.outtype:
-            with disk_full_as_error(outs[0]):
-                known.update(write_stage(plan, tmps, extra))
-        else:
-            _write_via_llama_cpp(plan, outs, tmps, extra, matrix, threads, stack)
-    return GGUFResult(outs, plan.outtype.name, sum(p.stat().st_size for p in outs), len(plan.tensors),
-                      len(matrix.entries) if matrix is not None else 0)
+    plan.matrix = matrix
+
+
+def write(plan: GGUFPlan, handles: list[ArtifactDir]) -> None:
+    """Write the plan's outputs into the executor's temporary files (in `plan.outputs()` order:
+    the importance matrix when one is saved, then the GGUF file or its splits)."""
+    if plan.imatrix_out is not None:
+        imatrix_handle, *handles = handles
+        with disk_full_as_error(plan.imatrix_out):
+            plan.matrix.save(imatrix_handle.path)
+    outs = plan.output_paths()
+    info("hashing the inputs (cached) for the provenance keys")
+    extra = provenance_kv("gguf", plan.provenance.options, source_digest(plan.provenance.input_records()))
+    tmps = [h.path for h in handles]
+    if not plan.outtype.by_llama_cpp and plan.stage is plan.outtype:
+        with disk_full_as_error(outs[0]):
+            digests = write_stage(plan, tmps, extra)
+        for h in handles:
+            h.hashes[h.path.name] = digests[h.path]
+    else:
+        with contextlib.ExitStack() as stack:
+            _write_via_llama_cpp(plan, outs, tmps, extra, plan.matrix, plan.threads, stack)
 
 
 def _write_via_llama_cpp(plan: GGUFPlan, outs: list[Path], tmps: list[Path], extra: list[KV], matrix,

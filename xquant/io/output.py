@@ -24,8 +24,12 @@ from .hashing import sha256_cached_many, sha256_file
 MANIFEST_NAME = "xquant-manifest.json"
 
 
-def check_output_path(target: Path, inputs: list[Path], force: bool) -> Path:
-    """Refuse outputs that would overwrite or nest with an input, or an existing artifact."""
+def check_output_path(target: Path, inputs: list[Path], force: bool, command: str | None = None) -> Path:
+    """Refuse outputs that would overwrite or nest with an input, or replace what is already there.
+
+    With `force`, an existing target is replaced only when it is an xquant artifact made by the
+    same command (its manifest says so): xquant never deletes or replaces a file or folder it did
+    not write. `command=None` checks only the nesting (planners call it before execution)."""
     target = target.expanduser().resolve()
     for inp in inputs:
         inp = inp.expanduser().resolve()
@@ -35,11 +39,52 @@ def check_output_path(target: Path, inputs: list[Path], force: bool) -> Path:
             raise OutputError(f"{target}: the output would be written inside the input directory {inp}")
         if inp in target.parents or (target in inp.parents):
             raise OutputError(f"{target}: the output would contain the input {inp}")
-    if target.exists() and not force:
-        raise OutputError(f"{target}: already exists (use --force to replace it)")
+    if command is not None and (target.exists() or target.is_symlink()):
+        if not force:
+            raise OutputError(f"{target}: already exists (use --force to replace it)")
+        made_by = artifact_command(target)
+        if made_by is None:
+            raise OutputError(f"{target}: exists and was not written by xquant (no manifest); "
+                              f"it is never replaced, --force included: choose another output path")
+        if made_by != command:
+            raise OutputError(f"{target}: exists and is a '{made_by}' artifact, not '{command}'; "
+                              f"--force replaces only an artifact of the same kind")
+        if foreign := foreign_files(target):
+            raise OutputError(f"{target}: holds {len(foreign)} file(s) xquant did not write (first: "
+                              f"{foreign[0]}); it is never replaced, --force included: move them first")
     if not target.parent.exists():
         raise OutputError(f"{target.parent}: the output's parent directory does not exist")
     return target
+
+
+def foreign_files(artifact: Path) -> list[str]:
+    """Files inside an xquant artifact directory that its manifest does not list (a user's notes)."""
+    if not artifact.is_dir():
+        return []
+    listed = {o.get("path") for o in (read_manifest(artifact) or {}).get("outputs", []) if isinstance(o, dict)}
+    listed.add(MANIFEST_NAME)
+    return sorted(p.relative_to(artifact).as_posix() for p in artifact.rglob("*")
+                  if (p.is_file() or p.is_symlink()) and p.relative_to(artifact).as_posix() not in listed)
+
+
+def artifact_command(path: Path) -> str | None:
+    """The command that made an xquant artifact at `path` (its manifest), or None for anything else.
+
+    A directory is xquant's when it holds a manifest; a file when its sidecar manifest names it as
+    the output. A symlink is never treated as an artifact (replacing it would act on its target's
+    name, which xquant did not choose)."""
+    if path.is_symlink():
+        return None
+    m = read_manifest(path)
+    if not m or not isinstance(m.get("command"), str):
+        return None
+    if path.is_file():
+        outs = m.get("outputs") or []
+        if not any(isinstance(o, dict) and o.get("path") == path.name for o in outs):
+            return None
+    elif not path.is_dir():
+        return None
+    return m["command"]
 
 
 def temp_path_for(target: Path) -> Path:
@@ -114,7 +159,8 @@ def _remove(path: Path) -> None:
 
 
 class ArtifactDir:
-    """Handle given to the body of `atomic_dir`: where to write, and hashes already known."""
+    """Handle given to the body of `atomic_dir` / `atomic_file`: the temporary path to write, and
+    the sha256 of files already hashed while written (by file name), so they are not read again."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -139,7 +185,7 @@ def _removed_on_failure(tmp: Path, target: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def atomic_dir(target: Path, prov: Provenance, force: bool = False) -> Iterator[ArtifactDir]:
     """Build a directory artifact in a temp sibling; manifest + rename on success, cleanup on error."""
-    target = check_output_path(target, prov.inputs, force)
+    target = check_output_path(target, prov.inputs, force, prov.command)
     tmp = temp_path_for(target)
     _remove(tmp)  # a leftover from a crashed run: ours by name
     tmp.mkdir()
@@ -153,20 +199,19 @@ def atomic_dir(target: Path, prov: Provenance, force: bool = False) -> Iterator[
 
 
 @contextlib.contextmanager
-def atomic_file(target: Path, prov: Provenance, force: bool = False,
-                known_hashes: dict[Path, str] | None = None) -> Iterator[Path]:
+def atomic_file(target: Path, prov: Provenance, force: bool = False) -> Iterator[ArtifactDir]:
     """Like atomic_dir for a single-file artifact (GGUF); the manifest is a sidecar file.
 
-    A writer that hashed the file while writing it puts the sha256 in `known_hashes` under the
-    yielded temporary path; otherwise the finished file is read once to hash it."""
-    target = check_output_path(target, prov.inputs, force)
+    A writer that hashed the file while writing it puts the sha256 in the handle's `hashes` under
+    the temporary file's name; otherwise the finished file is read once to hash it."""
+    target = check_output_path(target, prov.inputs, force, prov.command)
     tmp = temp_path_for(target)
     sidecar = target.parent / f"{target.name}.{MANIFEST_NAME}"
     _remove(tmp)
+    art = ArtifactDir(tmp)
     with _removed_on_failure(tmp, target):
-        yield tmp
-        known = {tmp.name: known_hashes[tmp]} if known_hashes and tmp in known_hashes else None
-        manifest = build_manifest(prov, [tmp], tmp.parent, known)
+        yield art
+        manifest = build_manifest(prov, [tmp], tmp.parent, art.hashes)
         manifest["outputs"][0]["path"] = target.name
         side_tmp = temp_path_for(sidecar)
         _write_json(side_tmp, manifest)

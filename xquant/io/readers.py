@@ -5,7 +5,8 @@ Three on-disk layouts are read:
 - Hugging Face legacy `pytorch_model*.bin` (zip pickles, loaded with weights_only=True, mmap=True);
 - Meta's original `consolidated.NN.pth` model-parallel shards (same loader).
 Pickles are only ever opened with `weights_only=True`: a file holding anything but tensors is
-refused, never executed.
+refused, never executed. Their tensors are mapped, not read through zipfile, so the CRC-32 the zip
+records for each member is checked here (`ZipCRC`), over a tensor's bytes when it is first read.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import json
 import math
 import pickle
 import re
+import struct
+import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -118,14 +122,29 @@ class SafetensorsReader(TensorReader):
         return file, entry.begin
 
 
+def _refusal(e: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler refused, without its advice to load with weights_only=False
+    (which would run the file's code)."""
+    text = str(e)
+    m = re.search(r"GLOBAL ([\w.]+)", text)
+    if m:
+        return f"it refers to {m.group(1).rstrip('.')}, which is not a tensor type"
+    for line in text.strip().splitlines():
+        line = line.strip()
+        if line and "weights_only" not in line and not line.startswith(("Weights only load failed", "(1)", "(2)")):
+            return line
+    return "unsafe content"
+
+
 def load_pickle_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """torch.load a tensor checkpoint safely (weights_only) and lazily (mmap) where possible."""
     try:
         mmap = zipfile.is_zipfile(path)  # mmap needs the zip format; very old files are not
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # torch warns about legacy formats; errors are ours to report
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise CorruptFileError(f"{path}: refused to load, it holds more than tensors ({first})") from None
+        raise CorruptFileError(f"{path}: refused to load, it holds more than tensors ({_refusal(e)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CorruptFileError(f"{path}: damaged checkpoint ({first})") from None
@@ -136,17 +155,116 @@ def load_pickle_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+@dataclass(frozen=True)
+class _Member:
+    name: str
+    start: int  # file offset of the member's bytes
+    size: int
+    crc: int
+
+
+class ZipCRC:
+    """The CRC-32 that a torch zip checkpoint's central directory records for each stored member,
+    checked over a tensor's storage bytes the first time it is read.
+
+    torch.load(mmap=True) maps the storages without checking them, so a damaged byte would pass
+    into the output. The check reads the mapped bytes the caller is about to read anyway (they are
+    in the page cache afterwards), each member once; the small members (the pickle itself) are
+    checked when the file is opened.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.verified: set[str] = set()
+        self._base: int | None = None  # address of file offset 0 in the current mapping
+        try:
+            with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+                infos = z.infolist()
+                members = []
+                for info in infos:
+                    f.seek(info.header_offset)
+                    head = f.read(30)
+                    if len(head) < 30 or head[:4] != b"PK\x03\x04":
+                        raise CorruptFileError(f"{path}: damaged zip member '{info.filename}' (no local header)")
+                    name_len, extra_len = struct.unpack("<HH", head[26:30])
+                    members.append(_Member(info.filename, info.header_offset + 30 + name_len + extra_len,
+                                           info.file_size, info.CRC))
+                    if not _is_storage(info.filename) and info.file_size <= 1 << 26:
+                        z.read(info)  # zipfile checks the CRC of what it reads
+                        self.verified.add(info.filename)
+        except zipfile.BadZipFile as e:
+            raise CorruptFileError(f"{path}: damaged checkpoint ({e})") from None
+        except OSError as e:
+            raise CorruptFileError(f"{path}: cannot read ({e.strerror})") from None
+        self._by_start = {m.start: m for m in members if _is_storage(m.name) and m.size}
+
+    def bind(self, state: dict[str, torch.Tensor]) -> None:
+        """Locate the storages of a freshly loaded mapping: all share one mapping of the file, so
+        an address minus the mapping's base is the member's file offset."""
+        ptrs = {t.untyped_storage().data_ptr() for t in state.values() if t.untyped_storage().nbytes()}
+        starts = sorted(self._by_start)
+        self._base = None
+        if ptrs and len(ptrs) == len(starts):
+            base = min(ptrs) - starts[0]
+            if all(p - base in self._by_start for p in ptrs):
+                self._base = base
+                return
+        self.verify_all()  # storages not where the zip says (not mapped): check the file as a whole
+
+    def check(self, key: str, t: torch.Tensor) -> None:
+        """Raise CorruptFileError if the bytes of t's storage differ from what the zip recorded."""
+        storage = t.untyped_storage()
+        if self._base is None or not storage.nbytes():
+            return
+        member = self._by_start.get(storage.data_ptr() - self._base)
+        if member is None or member.name in self.verified:
+            return
+        data = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
+        if len(data) != member.size or zlib.crc32(data) != member.crc:
+            raise CorruptFileError(f"{self.path}: tensor '{key}' is damaged: its bytes (zip member "
+                                   f"'{member.name}') fail the CRC-32 check")
+        self.verified.add(member.name)
+
+    def verify_all(self) -> None:
+        """Check every storage member by reading the file once, in chunks."""
+        buf = bytearray(1 << 24)
+        with open(self.path, "rb") as f:
+            for m in sorted(self._by_start.values(), key=lambda m: m.start):
+                if m.name in self.verified:
+                    continue
+                f.seek(m.start)
+                crc, left = 0, m.size
+                while left:
+                    n = f.readinto(memoryview(buf)[: min(left, len(buf))])
+                    if not n:
+                        raise CorruptFileError(f"{self.path}: truncated inside zip member '{m.name}'")
+                    crc = zlib.crc32(memoryview(buf)[:n], crc)
+                    left -= n
+                if crc != m.crc:
+                    raise CorruptFileError(f"{self.path}: zip member '{m.name}' is damaged: its bytes fail "
+                                           f"the CRC-32 check")
+                self.verified.add(m.name)
+
+
+def _is_storage(member: str) -> bool:
+    """Tensor storages are the members of the archive's data/ folder (archive/data/0, ...)."""
+    parts = member.split("/")
+    return len(parts) >= 2 and parts[-2] == "data"
+
+
 class PickleReader(TensorReader):
     """`pytorch_model*.bin` or Meta `consolidated.NN.pth` files, memory-mapped.
 
     The mapped state dicts are kept until `release()`: callers release after each layer so the
-    file pages they touched stop counting against the process.
+    file pages they touched stop counting against the process. Each tensor's bytes are checked
+    against the zip's CRC-32 the first time they are read (`ZipCRC`).
     """
 
     def __init__(self, root: Path, files: list[Path]):
         super().__init__(root)
         self._files = files
         self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
+        self._crc: dict[Path, ZipCRC | None] = {}
         for file in files:
             for name, t in self._load(file).items():
                 if name in self._infos:
@@ -156,7 +274,11 @@ class PickleReader(TensorReader):
 
     def _load(self, file: Path) -> dict[str, torch.Tensor]:
         if file not in self._loaded:
+            if file not in self._crc:
+                self._crc[file] = ZipCRC(file) if zipfile.is_zipfile(file) else None
             self._loaded[file] = load_pickle_checkpoint(file)
+            if self._crc[file] is not None:
+                self._crc[file].bind(self._loaded[file])
         return self._loaded[file]
 
     def _key(self, name: str) -> str:
@@ -164,8 +286,13 @@ class PickleReader(TensorReader):
         return name
 
     def view(self, name: str) -> torch.Tensor:
-        """The tensor in its file's mapping (page-cache pages, copied on write)."""
-        return self._load(self.info(name).file)[self._key(name)]
+        """The tensor in its file's mapping (page-cache pages, copied on write), CRC-checked."""
+        file, key = self.info(name).file, self._key(name)
+        t = self._load(file)[key]
+        crc = self._crc.get(file)
+        if crc is not None:
+            crc.check(key, t)
+        return t
 
     def get(self, name: str) -> torch.Tensor:
         try:
@@ -189,10 +316,7 @@ def hf_weight_files(directory: Path) -> tuple[str, list[Path]]:
     ):
         index = directory / index_name
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-                raise CorruptFileError(f"{index}: not a valid index (no 'weight_map')") from None
+            weight_map = read_weight_map(index)
             files = sorted({directory / f for f in weight_map.values()}, key=_shard_sort_key)
             for f in files:
                 if not f.exists():
@@ -204,6 +328,32 @@ def hf_weight_files(directory: Path) -> tuple[str, list[Path]]:
     if found:
         return "safetensors", found
     raise InputError(f"{directory}: no weights found (model.safetensors, shards with an index, or pytorch_model.bin)")
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """An index's tensor name -> shard file name."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise CorruptFileError(f"{index}: not a valid index (no 'weight_map')") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CorruptFileError(f"{index}: not a valid index ('weight_map' is not names -> shard files)")
+    return weight_map
+
+
+def check_index(reader: TensorReader, index: Path, weight_map: dict[str, str]) -> None:
+    """The index must place every tensor in the shard that holds it, and name no other: loaders
+    (transformers) trust it, so a tensor it misplaces or omits would load wrong or not at all."""
+    for name, shard in weight_map.items():
+        if name not in reader:
+            raise CorruptFileError(f"{index}: names tensor '{name}' in {shard}, which does not hold it "
+                                   f"(nor does any shard it names)")
+        held = reader.info(name).file.name
+        if held != shard:
+            raise CorruptFileError(f"{index}: places tensor '{name}' in {shard}, but {held} holds it")
+    for name in reader.names():
+        if name not in weight_map:
+            raise CorruptFileError(f"{index}: does not name tensor '{name}', which {reader.info(name).file.name} holds")
 
 
 def meta_weight_files(directory: Path) -> list[Path]:
@@ -220,7 +370,11 @@ def meta_weight_files(directory: Path) -> list[Path]:
 
 def open_hf_tensors(directory: Path) -> TensorReader:
     kind, files = hf_weight_files(directory)
-    return SafetensorsReader(directory, files) if kind == "safetensors" else PickleReader(directory, files)
+    reader = SafetensorsReader(directory, files) if kind == "safetensors" else PickleReader(directory, files)
+    index = directory / ("model.safetensors.index.json" if kind == "safetensors" else "pytorch_model.bin.index.json")
+    if index.exists():
+        check_index(reader, index, read_weight_map(index))
+    return reader
 
 
 def open_meta_tensors(directory: Path) -> PickleReader:
@@ -236,6 +390,7 @@ class _MetaShardsReader(PickleReader):
         TensorReader.__init__(self, root)
         self._files = files
         self._loaded = {}
+        self._crc = {}
         self.shard_count = len(files)
         for i, file in enumerate(files):
             for name, t in self._load(file).items():

@@ -63,27 +63,50 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
     metadata = header.pop("__metadata__", None) or {}
     data_start = 8 + n
     entries: dict[str, Entry] = {}
-    data_end = 0
     for name, spec in header.items():
+        if isinstance(spec, dict) and isinstance(spec.get("dtype"), str) and spec["dtype"] not in ST_TO_TORCH:
+            raise CorruptFileError(f"{path}: tensor '{name}' has unknown dtype '{spec['dtype']}' "
+                                   f"(known: {', '.join(ST_TO_TORCH)})")
         try:
             dtype = ST_TO_TORCH[spec["dtype"]]
             shape = tuple(int(d) for d in spec["shape"])
             begin, end = (int(x) for x in spec["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CorruptFileError(f"{path}: tensor '{name}' has an unreadable header entry") from None
+        if begin < 0 or end < begin or any(d < 0 for d in shape):
+            raise CorruptFileError(f"{path}: tensor '{name}' has invalid data_offsets [{begin}, {end}] "
+                                   f"or shape {list(shape)}")
         expected = itemsize(dtype) * _numel(shape)
-        if end - begin != expected or begin < 0:
+        if end - begin != expected:
             raise CorruptFileError(
                 f"{path}: tensor '{name}' spans {end - begin} bytes but shape {list(shape)} "
                 f"of {spec['dtype']} needs {expected}"
             )
         entries[name] = Entry(name, dtype, shape, data_start + begin, data_start + end)
-        data_end = max(data_end, end)
-    if data_start + data_end > size:
-        raise CorruptFileError(
-            f"{path}: truncated (the header needs {data_start + data_end} bytes, the file has {size})"
-        )
+    data_end = _check_coverage(path, entries, data_start)
+    if data_end > size:
+        raise CorruptFileError(f"{path}: truncated (the header needs {data_end} bytes, the file has {size})")
+    if data_end < size:
+        raise CorruptFileError(f"{path}: {size - data_end} bytes after the last tensor's data belong to no "
+                               f"tensor (invalid offsets: the header covers {data_end} of {size} bytes)")
     return entries, metadata
+
+
+def _check_coverage(path: Path, entries: dict[str, Entry], data_start: int) -> int:
+    """The tensors' byte ranges must tile the data section exactly, as the reference implementation
+    requires ("invalid offset"): no two share bytes, and none leaves a hole. Returns the data's end."""
+    pos, previous = data_start, None
+    for e in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
+        if e.begin < pos:
+            raise CorruptFileError(f"{path}: tensor '{e.name}' (data_offsets [{e.begin - data_start}, "
+                                   f"{e.end - data_start}]) overlaps tensor '{previous.name}' "
+                                   f"([{previous.begin - data_start}, {previous.end - data_start}]): invalid offsets")
+        if e.begin > pos:
+            after = f"after tensor '{previous.name}'" if previous else "before the first tensor"
+            raise CorruptFileError(f"{path}: {e.begin - pos} bytes {after} belong to no tensor (tensor '{e.name}' "
+                                   f"starts at {e.begin - data_start}, not {pos - data_start}): invalid offsets")
+        pos, previous = e.end, e
+    return pos
 
 
 def read_tensor(path: Path, entry: Entry) -> torch.Tensor:

@@ -8,6 +8,7 @@ any order and only the tensor being written is in memory.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DiskFullError, ShapeError
+from ..errors import DiskFullError, OutputError, ShapeError
 from .dtypes import itemsize
 from .hashing import FileHasher
 from .safetensors_file import layout, pwrite_all, tensor_bytes
@@ -91,22 +92,46 @@ class _Shard:
             os.close(fd)
 
 
+# copy_file_range cannot copy between these (another filesystem, or one without support): the
+# bytes then go through user memory in bounded pieces, as cp falls back to read/write.
+_NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF)
+_COPY_PIECE = 64 * 2**20
+
+
 def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int) -> None:
+    """Copy `count` bytes between files: in the kernel where it can, else by pread/pwrite."""
     done = 0
     while done < count:
-        n = os.copy_file_range(src_fd, dst_fd, count - done, src_offset + done, dst_offset + done)
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, count - done, src_offset + done, dst_offset + done)
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY:
+                raise
+            _copy_plain(src_fd, src_offset + done, dst_fd, dst_offset + done, count - done)
+            return
         if n == 0:
-            raise OSError(5, "short copy (source file truncated?)")
+            raise OSError(errno.EIO, "short copy (source file truncated?)")
         done += n
 
 
+def _copy_plain(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int) -> None:
+    done = 0
+    while done < count:
+        piece = os.pread(src_fd, min(_COPY_PIECE, count - done), src_offset + done)
+        if not piece:
+            raise OSError(errno.EIO, "short copy (source file truncated?)")
+        pwrite_all(dst_fd, memoryview(piece), dst_offset + done)
+        done += len(piece)
+
+
 def _guard(path: Path, action) -> None:
+    """Run a write; a full disk becomes DiskFullError and any other OS error names the file."""
     try:
         action()
     except OSError as e:
         if e.errno in (28, 122):  # ENOSPC, EDQUOT
             raise DiskFullError(f"{path}: disk full while writing ({e.strerror})") from None
-        raise
+        raise OutputError(f"{path}: {e.strerror or e}") from None
 
 
 class ShardedWriter:

@@ -22,7 +22,6 @@ a module boundary, a regular expression, or a suffix) and is recorded in the con
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +31,7 @@ import torch
 from ..convert.hf import SIDE_FILES
 from ..errors import InputError, ShapeError, UnsupportedError
 from ..io.dtypes import USER_DTYPES, dtype_name, parse_dtype, parse_size
+from ..io.finite import check_finite, check_result
 from ..io.output import Provenance
 from ..io.writer import TensorSpec
 from ..model import HFModel, detect, open_hf
@@ -167,9 +167,8 @@ def _load_weight(model: HFModel, name: str, dtype: torch.dtype, fp16_only: bool)
     w = model.tensors.get(name).to(dtype)
     if w.dim() != 2:
         raise ShapeError(f"{info.file}: tensor '{name}' has shape {list(w.shape)}; a linear weight is 2-D")
-    lo, hi = (float(v) for v in torch.aminmax(w))  # NaN and inf propagate to the extremes
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise InputError(f"{info.file}: tensor '{name}' holds NaN or infinite values")
+    check_finite(name, w, info.file)  # io/finite.py: the one NaN/inf rule (before the range test below)
+    lo, hi = (float(v) for v in torch.aminmax(w))
     if fp16_only and max(-lo, hi) > FP16_MAX:
         raise UnsupportedError(f"{info.file}: tensor '{name}' has values beyond float16's range "
                                f"(±{FP16_MAX:.0f}), which LLM.int8 quantizes from")
@@ -247,7 +246,10 @@ def _copy_job(model: HFModel, name: str, dtype: torch.dtype, group: int | None) 
     out_dtype = dtype if info.dtype.is_floating_point else info.dtype
 
     def produce() -> torch.Tensor:
-        return model.tensors.get(name).to(out_dtype)
+        src = model.tensors.get(name)
+        out = src.to(out_dtype)
+        check_result(name, out, [(info.file, src)])  # io/finite.py: kept tensors follow the same rule
+        return out
 
     return TensorJob(TensorSpec(name, info.shape, out_dtype), produce, group, f"{dtype_name(info.dtype)} (kept)")
 
@@ -328,7 +330,7 @@ def _build(model: HFModel, out: Path, command: str, quantized: list[str], kept: 
              *notes]
     if dropped:
         notes.append(f"dropped {len(dropped)} non-persistent buffers ({DROPPED_SUFFIXES[0]})")
-    if arch.extra.get("experts"):  # mixture of experts: see converters/<arch>.toml, [quant] and [experts]
+    if arch.is_moe:  # mixture of experts: see converters/<arch>.toml, [quant] and [experts]
         notes.append(f"routed experts and router kept in {dtype_name(dtype)}: transformers holds them as "
                      f"parameters, not nn.Linear, so bitsandbytes does not quantize them")
     return Plan(

@@ -16,8 +16,6 @@ into transformers' fused parameters, as the architecture's TOML describes (`[gpt
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -27,13 +25,9 @@ from ...errors import ShapeError, UnsupportedError
 EXPERT_PREFIX = "experts."  # in a `[gptq] sequential` group: that role of every routed expert
 
 
-def gptq_spec(arch: Architecture) -> dict[str, Any]:
-    return arch.extra.get("gptq", {})
-
-
 def experts_module(arch: Architecture) -> str | None:
     """The module path (inside a decoder layer) of the routed experts, or None for a dense model."""
-    return gptq_spec(arch).get("experts_module") if arch.extra.get("experts") else None
+    return arch.gptq.experts_module if arch.is_moe else None
 
 
 class _Expert(nn.Module):
@@ -125,7 +119,7 @@ def fuse_experts(state: dict[str, torch.Tensor], arch: Architecture, config: dic
     `[gptq] fused_experts = { gate_up_proj = ["gate", "up"], ... }` concatenates each expert's roles
     along the output rows and stacks the experts. In place; a no-op when the model is not fused."""
     module = experts_module(arch)
-    fused = gptq_spec(arch).get("fused_experts", {})
+    fused = arch.gptq.fused_experts
     if module is None or not fused:
         return
     for i in range(arch.num_layers(config)):

@@ -23,6 +23,7 @@ import torch
 from ...errors import MissingDependencyError, UnsupportedError
 from ...io.output import atomic_dir, check_output_path
 from .plan import GPTQPlan
+from .result import GPTQResult
 
 
 def _require() -> None:
@@ -34,9 +35,7 @@ def _require() -> None:
             raise MissingDependencyError(package, "--engine optimum") from None
 
 
-def run_optimum(plan: GPTQPlan, force: bool):
-    from .run import GPTQResult
-
+def run_optimum(plan: GPTQPlan, force: bool) -> GPTQResult:
     o = plan.options
     if o.static_groups:
         raise UnsupportedError("--static-groups: optimum's GPTQQuantizer has no static groups; use --engine xquant")

@@ -32,6 +32,7 @@ from .pack import check_packable, packed_shapes
 from .state import LayerFiles, state_dir_for
 from .moe import experts_module
 from .walker import BATCH_TOKENS, MIN_EXPERT_TOKENS, layer_linears
+from ...commands.options import Options, opt, size_text
 
 ENGINES = ("xquant", "optimum")
 # Resident before any tensor: torch + transformers' modeling code + the tokenizer (measured 0.86 GiB).
@@ -40,24 +41,29 @@ DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
-class GPTQOptions:
-    """The command's options, as plain data (recorded in the manifest)."""
+class GPTQOptions(Options):
+    """The command's options (xquant/commands/options.py: the CLI flags and recipe keys come from
+    these fields); recorded in the manifest."""
 
-    bits: int = 4
-    group_size: int = 128
-    desc_act: bool = False
-    static_groups: bool = False
-    sym: bool = True
-    damp: float = 0.01
-    true_sequential: bool = True
-    min_expert_tokens: int = MIN_EXPERT_TOKENS  # mixture of experts: fewer routed tokens -> round-to-nearest
-    calibration: tuple[str, ...] = ("mixed",)
-    samples: int = 128
-    seq_len: int = 2048
-    seed: int = 0
-    device: str = "cpu"
-    engine: str = "xquant"
-    max_shard_size: str = "5GB"
+    command = "gptq"
+
+    bits: int = opt(4, "2, 3, 4 or 8.")
+    group_size: int = opt(128, "Input features per scale/zero group; -1: one per row.")
+    desc_act: bool = opt(False, "Act-order: quantize columns by decreasing Hessian diagonal.")
+    static_groups: bool = opt(False, "Fix group scales before quantizing (act-order without reordering at inference).")
+    sym: bool = opt(True, "Symmetric (fixed zero point) or asymmetric groups.", flag="--sym/--asym")
+    damp: float = opt(0.01, "Dampening: fraction of the mean Hessian diagonal (raised automatically if needed).")
+    true_sequential: bool = opt(True, "Recompute a layer's inputs after each group of linears.",
+                                flag="--true-sequential/--no-true-sequential")
+    min_expert_tokens: int = opt(MIN_EXPERT_TOKENS, "Mixture of experts: a routed expert sent fewer calibration "
+                                                    "tokens than this is rounded to nearest.")
+    calibration: tuple[str, ...] = opt(("mixed",), "Bundled set (zh, en, code, mixed) or .txt/.jsonl/dir; repeatable.")
+    samples: int = opt(128, "Calibration windows.")
+    seq_len: int = opt(2048, "Tokens per window.")
+    seed: int = opt(0, "Seed of the window sampling.")
+    device: str = opt("cpu", "cpu or cuda (one layer on the device at a time).", fingerprint=False)
+    engine: str = opt("xquant", "xquant (layer-streamed) or optimum (reference; loads the whole model).")
+    max_shard_size: str = opt("5GB", "Largest output shard (e.g. 5GB, 500MB).", check=size_text)
 
     def spec(self) -> QuantSpec:
         return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym, desc_act=self.desc_act,
@@ -168,8 +174,33 @@ class GPTQPlan(Plan):
     peak_estimate: int = 0
     experts: dict[str, Any] = field(default_factory=dict)  # mixture of experts: counts for the summary
 
+    # Set while executing (see run.py): the resume state and when the run started.
+    state: Any = field(default=None, repr=False)
+    resumed_at: int | None = None
+    started: float = 0.0
+
     def peak_memory_estimate(self) -> int:
         return self.peak_estimate
+
+    # The executor's side (pipeline.execute): the layer walk before the output is opened.
+    def prepare(self, force: bool, resume: bool) -> None:
+        from .run import walk
+
+        walk(self, force, resume)
+
+    def finished(self) -> None:
+        self.state.remove()  # the artifact is complete: the layers are in it
+
+    def abandon(self, interrupted: bool) -> None:
+        """A failure leaves nothing, but an interruption (Ctrl-C) keeps the state `--resume` continues;
+        a state this run resumed is kept too (it was there before, and is still valid)."""
+        if self.state is not None and not interrupted and not self.resumed_at:
+            self.state.remove()
+
+    def result(self):
+        from .run import result
+
+        return result(self)
 
     def summary(self) -> dict[str, Any]:
         o, c = self.options, self.calibration
@@ -211,7 +242,7 @@ def _memory_estimate(model: HFModel, arch, o: GPTQOptions, act_dtype: torch.dtyp
     widest = max(hidden, int(cfg.get("intermediate_size") or hidden))
     experts = 0
     if expert_shape is not None:
-        count = int(cfg[arch.extra["experts"]["count"]])
+        count = arch.expert_count(cfg)
         experts = count * max(expert_shape) ** 2 * 4
     acts = o.samples * o.seq_len * hidden * torch.empty((), dtype=act_dtype).element_size()
     itemsize = model.tensors.info(arch.layer_tensor(arch.linear_roles()[0], 0)).dtype.itemsize
@@ -232,7 +263,7 @@ def plan_gptq(src: Path, out: Path, options: GPTQOptions) -> GPTQPlan:
     reader = model.tensors
     num_layers = arch.num_layers(model.config)
     moe = experts_module(arch) is not None
-    if arch.extra.get("experts") and not moe:
+    if arch.is_moe and not moe:
         raise UnsupportedError(f"{model.path / 'config.json'}: {arch.name} has routed experts but its converter names "
                                f"no [gptq] experts_module, so xquant gptq cannot quantize them")
     if moe and options.engine == "optimum":
@@ -272,7 +303,7 @@ def plan_gptq(src: Path, out: Path, options: GPTQOptions) -> GPTQPlan:
     act_dtype = src_dtype if src_dtype in (torch.float16, torch.bfloat16) else torch.float32
 
     state_files = LayerFiles(state_dir_for(Path(out)))
-    derived = tuple(t.split("{i}.", 1)[-1] for t in arch.extra.get("derived", {}).values())
+    derived = tuple(t.split("{i}.", 1)[-1] for t in arch.derived.values())
     jobs: list[TensorJob] = []
     for name in reader.names():
         if derived and name.endswith(derived):
@@ -314,7 +345,7 @@ def plan_gptq(src: Path, out: Path, options: GPTQOptions) -> GPTQPlan:
     )
     expert_shape = None
     if moe:
-        spec = arch.extra["experts"]
+        spec = arch.experts
         expert_linears = {n for i in range(num_layers) for names in arch.expert_tensors(i, model.config).values()
                           for n in names} & quantized
         expert_shape = tuple(reader.info(arch.expert_tensors(0, model.config)["gate"][0]).shape)
@@ -322,7 +353,7 @@ def plan_gptq(src: Path, out: Path, options: GPTQOptions) -> GPTQPlan:
         kept = sorted({n[len(f"{arch.layers_module}.{arch.layer_of(n)}."):] for n in reader.names()
                        if arch.layer_of(n) is not None and n.endswith(".weight") and n not in quantized
                        and len(reader.info(n).shape) == 2})
-        plan.experts = {"per_layer": model.config[spec["count"]], "used": model.config.get(spec["used"]),
+        plan.experts = {"per_layer": arch.expert_count(model.config), "used": model.config.get(spec.used),
                         "linears": len(expert_linears), "kept": kept}
         plan.notes.append("routed experts: each one's Hessian from the calibration tokens the router sends it; "
                           "the router and 1-row gates stay unquantized")

@@ -7,53 +7,37 @@ shared pipeline writer into an atomic output directory, then removes the state.
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ...console import info, progress
-from ...errors import UnsupportedError, XQuantError
-from ...io.output import atomic_dir, check_output_path
-from ...pipeline import write_jobs
+from ...errors import UnsupportedError
+from ...pipeline import execute
 from .plan import GPTQPlan
+from .result import GPTQResult
 from .state import ResumeState
 from .walker import LayerWalker
 
-# Test hook: after layer k is committed to the resume state, raise as if the process had died,
-# so tests (and anyone checking a deployment) can exercise --resume without killing a process.
-CRASH_ENV = "XQUANT_GPTQ_CRASH_AFTER_LAYER"
-
-
-class SimulatedCrash(XQuantError):
-    """Raised by the CRASH_ENV test hook."""
-
-    exit_code = 75
-
-
-@dataclass
-class GPTQResult:
-    out: Path
-    engine: str
-    seconds: float
-    layers: list[dict[str, Any]] = field(default_factory=list)
-    resumed_at: int | None = None  # first layer computed by this run when it continued a state
-    experts: dict[str, Any] | None = None  # mixture of experts: expert_summary()
-
 
 def run_gptq(plan: GPTQPlan, force: bool = False, resume: bool = False) -> GPTQResult:
-    """Quantize and write the artifact described by `plan`."""
+    """Quantize and write the artifact described by `plan` (through the one executor)."""
     if plan.options.engine == "optimum":
         if resume:
             raise UnsupportedError("--resume: the optimum engine quantizes the whole model in memory and cannot resume")
         from .optimum_engine import run_optimum
 
         return run_optimum(plan, force)
-    check_output_path(plan.out, [plan.model.path], force)
-    t0 = time.perf_counter()
+    return execute(plan, force=force, resume=resume)
+
+
+def walk(plan: GPTQPlan, force: bool, resume: bool) -> ResumeState:
+    """The executor's `prepare` for GPTQ: quantize every layer into the resume state (continuing
+    a saved one with `resume`) and record the per-layer statistics in the provenance."""
+    plan.started = time.perf_counter()
     state = ResumeState.start(plan.out, plan.fingerprint(), plan.num_layers, resume, force)
+    plan.state = state
     start = state.next_layer
+    plan.resumed_at = start or None
     if start and start <= plan.num_layers:
         info(f"resuming {state.path.name}: layers 0-{start - 1} already quantized")
     _walk(plan, state)
@@ -61,11 +45,12 @@ def run_gptq(plan: GPTQPlan, force: bool = False, resume: bool = False) -> GPTQR
                                      "layers": state.stats}
     if plan.experts:
         plan.provenance.extra["gptq"]["experts"] = expert_summary(state.stats, plan.options.min_expert_tokens)
-    with atomic_dir(plan.out, plan.provenance, force=force) as art:
-        write_jobs(art.path, plan, art.hashes)
-    state.remove()
-    return GPTQResult(plan.out.resolve(), "xquant", round(time.perf_counter() - t0, 2), state.stats,
-                      start or None, plan.provenance.extra["gptq"].get("experts"))
+    return state
+
+
+def result(plan: GPTQPlan) -> GPTQResult:
+    return GPTQResult(plan.out.resolve(), "xquant", round(time.perf_counter() - plan.started, 2), plan.state.stats,
+                      plan.resumed_at, plan.provenance.extra["gptq"].get("experts"))
 
 
 def expert_summary(stats: list[dict[str, Any]], min_tokens: int) -> dict[str, Any]:
@@ -93,7 +78,6 @@ def _walk(plan: GPTQPlan, state: ResumeState) -> None:
     else:
         inputs = walker.embed(plan.calibration.windows)
         state.save_inputs(0, inputs)
-    crash_after = os.environ.get(CRASH_ENV)
     with progress(f"gptq {o.bits}-bit", total=plan.num_layers - state.next_layer) as advance:
         for i in range(state.next_layer, plan.num_layers):
             result = walker.run_layer(i, inputs)
@@ -102,6 +86,3 @@ def _walk(plan: GPTQPlan, state: ResumeState) -> None:
             del result
             reader.release()
             advance(1, description=f"gptq layer {i + 1}/{plan.num_layers}")
-            if crash_after is not None and crash_after.strip() == str(i):
-                raise SimulatedCrash(f"simulated crash after layer {i} ({CRASH_ENV}); "
-                                     f"the state in {state.path} lets --resume continue")

@@ -29,7 +29,7 @@ from ...errors import ShapeError, UnsupportedError
 from ...io.dtypes import FLOAT_DTYPES
 from ...io.readers import TensorReader
 from .core import QuantSpec, gptq_quantize, rtn_quantize
-from .moe import EXPERT_PREFIX, gptq_spec, unfuse_experts
+from .moe import EXPERT_PREFIX, unfuse_experts
 from .pack import pack_linear
 
 LLAMA_CLASSES = {
@@ -65,8 +65,7 @@ def sequential(arch: Architecture) -> tuple[tuple[str, ...], ...]:
     """The true-sequential groups GPTQ uses: `[gptq] sequential` when the TOML has one (it may
     differ from int8/NF4's [quant] list: a MoE keeps its 1-row shared-expert gate in float), else
     the registry's."""
-    own = gptq_spec(arch).get("sequential")
-    return tuple(tuple(g) for g in own) if own else arch.sequential
+    return arch.gptq.sequential or arch.sequential
 
 
 def layer_groups(arch: Architecture, reader: TensorReader, i: int, config: dict | None = None
@@ -162,7 +161,7 @@ class LayerWalker:
     def __init__(self, config: dict, arch: Architecture, reader: TensorReader, spec: QuantSpec,
                  true_sequential: bool = True, device: str = "cpu", act_dtype: torch.dtype = torch.float32,
                  min_expert_tokens: int = MIN_EXPERT_TOKENS):
-        classes = {**LLAMA_CLASSES, **{k: v for k, v in gptq_spec(arch).items() if k in LLAMA_CLASSES}}
+        classes = {k: getattr(arch.gptq, k) or v for k, v in LLAMA_CLASSES.items()}
         cfg_dict = {k: v for k, v in config.items() if k != "quantization_config"}
         self.config_dict = cfg_dict
         self.min_expert_tokens = min_expert_tokens
@@ -174,8 +173,7 @@ class LayerWalker:
         self.true_sequential = true_sequential
         self.device = torch.device(device)
         self.act_dtype = act_dtype
-        derived = arch.extra.get("derived", {})
-        self._skip = tuple(t.split("{i}.", 1)[-1] for t in derived.values())
+        self._skip = tuple(t.split("{i}.", 1)[-1] for t in arch.derived.values())
 
     # ------------------------------------------------------------ inputs
 

@@ -1,4 +1,4 @@
-"""A tiny trained mixture-of-experts model with a shared expert (`Qwen2MoeForCausalLM`).
+"""Test fixture: a tiny trained mixture-of-experts model with a shared expert (`Qwen2MoeForCausalLM`).
 
 transformers' in-library Qwen2-MoE has what XVERSE-MoE and DeepSeek-MoE have (routed experts picked
 top-k by a softmax router, plus an always-on shared expert, here behind a sigmoid gate) and a
@@ -16,8 +16,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from . import tiny
-from .console import info
+from xquant import tiny
+from xquant.console import info
 
 
 @dataclass(frozen=True)

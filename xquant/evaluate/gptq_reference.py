@@ -1,9 +1,11 @@
 """The exact float model a GPTQ checkpoint stands for, built with xquant's own dequantizer.
 
-Used as the reference a GPTQ loader's logits are compared with, and by the evaluation runtime
-when no GPTQ loader (optimum + gptqmodel) is installed. Routed experts (stored per expert) are
-stacked into the fused parameters transformers' MoE classes hold. Reads tensor by tensor; the model it
-returns is, of course, whole.
+Used by the evaluation runtime (runtimes.GPTQRuntime) when no GPTQ loader (optimum + gptqmodel)
+is installed, and as the reference a GPTQ loader's logits are compared with. It is a loader, so it
+lives with the runtimes; from the quantizer it uses only the format's read side (pack.dequantize)
+and the inverse of the walker's expert unfusing (moe.fuse_experts). Routed experts (stored per
+expert) are stacked into the fused parameters transformers' MoE classes hold. Reads tensor by
+tensor; the model it returns is, of course, whole.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from ...errors import ShapeError, UnsupportedError
-from ...io.readers import open_hf_tensors
-from ...model import read_json
-from .moe import fuse_experts
-from .pack import SUFFIXES, dequantize
+from ..errors import ShapeError, UnsupportedError
+from ..io.readers import open_hf_tensors
+from ..model import read_json
+from ..quant.gptq.moe import fuse_experts
+from ..quant.gptq.pack import SUFFIXES, dequantize
 
 
 def dequantized_tensors(path: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -62,7 +64,7 @@ def load_dequantized(path: Path, device: str = "cpu", dtype: torch.dtype = torch
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     state = dequantized_tensors(path, dtype)
     # A mixture of experts: transformers holds the routed experts fused; the checkpoint per expert.
-    from ...arch import for_config
+    from ..arch import for_config
 
     fuse_experts(state, for_config(read_json(path / "config.json"), str(path / "config.json")),
                  {**config, "model_type": model_type}, set(model.state_dict()))

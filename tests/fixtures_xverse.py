@@ -1,4 +1,4 @@
-"""A tiny XVERSE-shaped checkpoint and its transformers LLaMA twin, built from the tiny LLaMA.
+"""Test fixture: a tiny XVERSE-shaped checkpoint and its transformers LLaMA twin, built from the tiny LLaMA.
 
 XVERSE (`XverseForCausalLM`) is LLaMA's tensors and math under another name, with remote code and
 a BPE tokenizer.json instead of tokenizer.model. transformers cannot load it as XVERSE without that
@@ -16,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from . import tiny
+from xquant import tiny
 
 XVERSE_TOKENIZER_CONFIG = {
     "tokenizer_class": "PreTrainedTokenizerFast",

@@ -1,0 +1,150 @@
+"""`xquant report` and `xquant verify`: each artifact reloaded in its real consumer and compared
+with the unquantized reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import Command, Input, command
+from .options import Options, at_least, opt
+
+
+@dataclass(frozen=True)
+class ReportOptions(Options):
+    command = "report"
+
+    eval: tuple[str, ...] | None = opt(None, "Eval set name (zh, en, code, mixed) or text/jsonl file; repeatable "
+                                             "(default: zh, en, code).")
+    mc: tuple[Path, ...] | None = opt(None, "Multiple-choice CSV (C-Eval/MMLU layout); repeatable "
+                                            "(default: the bundled bilingual set).")
+    max_tokens: int = opt(8192, "Tokens per eval set.", check=at_least(16))
+    device: str = opt("cpu", "cpu or cuda.", choices=("cpu", "cuda"), fingerprint=False)
+
+
+@dataclass
+class ReportPlan:
+    """What a report evaluates (printed by --dry-run); `build_report` carries it out."""
+
+    reference: Path
+    artifacts: list[Path]
+    out: Path
+    options: ReportOptions
+    kinds: dict[Path, str] = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        return f"report {self.reference.name} -> {self.out}"
+
+    def rows(self) -> list[dict[str, Any]]:
+        from ..io.dtypes import human_bytes
+        from ..report import _disk_size
+
+        return [{"artifact": str(p), "role": "reference" if p == self.reference else "artifact",
+                 "format": self.kinds[p], "size": human_bytes(_disk_size(p))}
+                for p in [self.reference, *self.artifacts]]
+
+    def peak_memory_estimate(self) -> int:
+        """One artifact at a time in a worker process: torch and its consumer's code, the model as
+        its consumer holds it (float32 weights for HF, the stored bytes for quantized formats) and
+        the logits of one window."""
+        from ..pipeline import BASE_MEMORY
+        from ..report import _disk_size, _param_count
+
+        params = _param_count(self.reference)
+        held = max([params * 4 if self.kinds[self.reference] == "hf" else 0,
+                    *(_disk_size(p) * (4 if self.kinds[p] == "hf" else 1) for p in self.artifacts)])
+        return int(2 * BASE_MEMORY + held)
+
+    def summary(self) -> dict[str, Any]:
+        from ..io.dtypes import human_bytes
+
+        o = self.options
+        return {"output": str(self.out), "artifacts": len(self.artifacts),
+                "eval sets": ", ".join(o.eval or ("zh", "en", "code")),
+                "multiple choice": ", ".join(map(str, o.mc)) if o.mc else "bundled bilingual set",
+                "tokens per set": o.max_tokens,
+                "estimated peak memory": f"{human_bytes(self.peak_memory_estimate())} (one artifact at a time)"}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"title": self.title, "summary": self.summary(), "artifacts": self.rows()}
+
+
+def _plan(inputs, o: ReportOptions, mode: str) -> ReportPlan:
+    from ..evaluate.runtimes import detect_kind
+
+    reference, artifacts = Path(inputs["reference"]), [Path(a) for a in inputs["artifacts"]]
+    kinds = {p: detect_kind(p) for p in [reference, *artifacts]}
+    return ReportPlan(reference, artifacts, Path(inputs["out"]), o, kinds)
+
+
+def _run(plan: ReportPlan, force: bool, resume: bool) -> dict[str, Any]:
+    from ..report import build_report
+
+    o = plan.options
+    result = build_report(plan.reference, plan.artifacts, plan.out, list(o.eval) if o.eval else None,
+                          list(o.mc) if o.mc is not None else None, o.max_tokens, device=o.device, force=force)
+    result["_out"] = str(plan.out)
+    return result
+
+
+def _show(result: dict[str, Any]) -> None:
+    from ..console import console
+
+    console.print((Path(result["_out"]) / "report.md").read_text(), markup=False, soft_wrap=True)
+    skipped = [r["name"] for r in result["artifacts"] if "error" in r]
+    if skipped:
+        console.print(f"[yellow]skipped:[/] {', '.join(skipped)}")
+
+
+REPORT = command(Command(
+    name="report",
+    help="Size, memory, perplexity, KL to the reference and multiple-choice accuracy of each artifact.",
+    options=ReportOptions,
+    inputs=(Input("reference", "The unquantized reference (HF directory)."),
+            Input("artifacts", "Artifacts: HF, int8, NF4, GPTQ directories, GGUF files.", many=True),
+            Input("out", "Directory for report.md, report.json, report.png.", flag="--out")),
+    plan=_plan, run=_run, show=_show,
+))
+
+
+@dataclass(frozen=True)
+class VerifyOptions(Options):
+    command = "verify"
+
+    eval: str = opt("mixed", "Eval text (bundled name or file).")
+    max_tokens: int = opt(1024, "Tokens of eval text.", check=at_least(16))
+    tolerance: float | None = opt(None, "Largest KL divergence accepted (default: the format's).")
+
+
+@dataclass
+class VerifyPlan:
+    artifact: Path
+    reference: Path
+    options: VerifyOptions
+
+
+def _verify_run(plan: VerifyPlan, force: bool, resume: bool) -> dict[str, Any]:
+    from ..verify import verify
+
+    o = plan.options
+    return verify(plan.artifact, plan.reference, o.eval, o.max_tokens, o.tolerance)
+
+
+def _verify_show(s: dict[str, Any]) -> None:
+    from ..console import console
+
+    console.print(f"[green]ok[/] {s['artifact']} ({s['engine']}): KL {s['kl']:.5f} <= {s['tolerance']}, "
+                  f"top-1 {100 * s['top1']:.1f}%, ppl {s['ppl']:.2f} vs {s['reference_ppl']:.2f}")
+
+
+VERIFY = command(Command(
+    name="verify",
+    help="Reload an artifact in its consumer and compare its logits with the reference (exit 7 past tolerance).",
+    options=VerifyOptions,
+    inputs=(Input("artifact", "Artifact to check (directory or GGUF file)."),
+            Input("reference", "The unquantized reference model.", flag="--reference")),
+    plan=lambda inputs, o, mode: VerifyPlan(Path(inputs["artifact"]), Path(inputs["reference"]), o),
+    run=_verify_run, show=_verify_show, writes=False,
+))
