@@ -188,9 +188,13 @@ def get(name: str) -> Architecture:
 def for_config(config: dict, source: str = "config.json") -> Architecture:
     """The architecture of a Hugging Face config; unsupported ones fail with the supported list."""
     names = config.get("architectures") or []
-    for arch in _registry().values():
-        if any(n in arch.hf_architectures for n in names):
-            return arch
+    # One class name may cover a dense model and a mixture of experts (XverseForCausalLM is both):
+    # an architecture with [experts] claims a config only when it holds the expert-count key, and
+    # such a claim wins over a dense one.
+    matches = [arch for arch in _registry().values() if any(n in arch.hf_architectures for n in names)
+               and (arch.experts is None or arch.experts.count in config)]
+    if matches:
+        return next((a for a in matches if a.is_moe), matches[0])
     supported = sorted(a for arch in _registry().values() for a in arch.hf_architectures)
     got = ", ".join(names) if names else f"model_type '{config.get('model_type')}'"
     raise UnsupportedError(f"{source}: unsupported architecture {got} (supported: {', '.join(supported)})")

@@ -26,6 +26,9 @@ class QuantLayout:
 
     sequential: tuple[tuple[str, ...], ...] = ()
     layers_module: str = "model.layers"
+    # The routed experts are one nn.Linear each in the model class that loads the checkpoint (not
+    # fused parameters), so bitsandbytes quantizes every expert's gate/up/down too.
+    experts: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,13 +55,17 @@ class GGUFSpec:
     """`[gguf]`: llama.cpp's layout. `rope_permute`: role -> config key of its head count (the
     writer undoes Hugging Face's q/k permutation); `skip`: tensor-name suffixes left out; `f32`:
     GGUF tensor kinds kept F32 (routers); `require`: config values llama.cpp's graph hard-codes;
-    `hparams`: extra GGUF keys `<arch>.KEY` from config keys; `vocab`: the vocabulary reader."""
+    `hparams`: extra GGUF keys `<arch>.KEY` from config keys; `constants`: extra GGUF keys with a
+    fixed value (an integer is written as uint32, a number as float32, a boolean as bool): what the
+    llama.cpp architecture reads but this checkpoint's config has no field for; `vocab`: the
+    vocabulary reader."""
 
     rope_permute: dict[str, str] = field(default_factory=dict)
     skip: tuple[str, ...] = ()
     f32: tuple[str, ...] = ()
     require: dict[str, Any] = field(default_factory=dict)
     hparams: dict[str, str] = field(default_factory=dict)
+    constants: dict[str, int | float | bool] = field(default_factory=dict)
     vocab: str | None = None
 
 
@@ -66,13 +73,17 @@ class GGUFSpec:
 class ExpertsSpec:
     """`[experts]`: a mixture of experts' routed experts, one Linear weight each on disk ("{i}" =
     layer, "{e}" = expert); `count` / `used` are the config keys holding the number of experts
-    and how many each token is routed to."""
+    and how many each token is routed to; `width` the key of one expert's feed-forward width and
+    `shared` the key of the number of always-on shared experts (for `inspect`; None: the config
+    has no such key)."""
 
     count: str
     used: str
     gate: str
     up: str
     down: str
+    width: str | None = None
+    shared: str | None = None
 
     @property
     def roles(self) -> dict[str, str]:
@@ -98,10 +109,20 @@ class GPTQSpec:
 @dataclass(frozen=True)
 class TransformersAs:
     """`transformers_as`: an architecture shipped as remote code whose math is that of a class
-    transformers has; evaluation loads it with these config.json fields."""
+    transformers has, or one xquant implements itself (`module`: the Python module that registers
+    its config and model with transformers' Auto classes when imported); evaluation loads it with
+    these config.json fields."""
 
     architectures: tuple[str, ...]
     model_type: str | None = None
+    module: str | None = None
+
+    def register(self) -> None:
+        """Import `module` (it registers its classes with transformers), if there is one."""
+        if self.module is not None:
+            import importlib
+
+            importlib.import_module(self.module)
 
     def config_fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {"architectures": list(self.architectures)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import RUN, Command, Input, command
+from . import Command, Input, command
 from .options import Options, dtype_text, opt, size_text
 
 _SKIP_HELP = "Comma-separated modules kept in full precision; replaces the default (lm_head)."
@@ -47,7 +47,7 @@ def _nf4(inputs, o: NF4Options, mode: str):
     from ..quant.bnb import plan_nf4
 
     return plan_nf4(inputs["model"], inputs["out"], o.compute_dtype, o.double_quant, o.skip_modules,
-                    o.max_shard_size, exact=mode == RUN)
+                    o.max_shard_size)
 
 
 INT8 = command(Command(

@@ -69,13 +69,15 @@ def load_mc(path: Path) -> list[Question]:
     return out
 
 
-def choice_token_ids(encode, prompt: str) -> tuple[list[int], list[int]]:
+def choice_token_ids(encode, prompt: str, sep: str = " ") -> tuple[list[int], list[int]]:
     """Context ids, and for each option letter the id that follows them when the letter is appended.
 
-    The context is the prefix shared by the prompt's ids and all four "prompt + letter" encodings,
-    so a tokenizer that merges the cue's last character with the letter is still scored fairly.
+    The context is the prefix shared by the prompt's ids and all four "prompt + sep + letter"
+    encodings, so a tokenizer that merges the cue's last character with the letter is still scored
+    fairly. `sep` is what stands between cue and letter in the benchmark's shots ("Answer: A",
+    "答案：A").
     """
-    encodings = [encode(prompt + " " + letter) for letter in "ABCD"]
+    encodings = [encode(prompt + sep + letter) for letter in "ABCD"]
     base = encode(prompt)
     k = 0
     while all(k < len(e) for e in encodings) and k < len(base) and len({e[k] for e in encodings} | {base[k]}) == 1:
@@ -87,11 +89,20 @@ def choice_token_ids(encode, prompt: str) -> tuple[list[int], list[int]]:
     return base[:k], firsts
 
 
+def predict(encode, logits_fn, prompt: str, sep: str = " ", context: int | None = None) -> tuple[str, bool]:
+    """The option letter whose token gets the highest next-token logit after `prompt`, and whether
+    the prompt had to be cut to its last `context` tokens to fit."""
+    ids, letters = choice_token_ids(encode, prompt, sep)
+    cut = context is not None and len(ids) > context
+    if cut:
+        ids = ids[-context:]
+    last = logits_fn(ids)[-1]
+    return "ABCD"[int(last[letters].argmax())], cut
+
+
 def mc_accuracy(encode, logits_fn, questions: list[Question]) -> dict:
     correct = 0
     for q in questions:
-        ids, letters = choice_token_ids(encode, q.prompt())
-        last = logits_fn(ids)[-1]
-        pred = "ABCD"[int(last[letters].argmax())]
+        pred, _ = predict(encode, logits_fn, q.prompt())
         correct += pred == q.answer
     return {"questions": len(questions), "correct": correct, "accuracy": correct / len(questions)}

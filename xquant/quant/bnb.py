@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -193,18 +194,17 @@ def _int8_jobs(model: HFModel, module: str, dtype: torch.dtype, group: int | Non
     ]
 
 
-def _nf4_jobs(model: HFModel, module: str, dtype: torch.dtype, group: int | None, double_quant: bool,
-              offset: float | None) -> list[TensorJob]:
+def _nf4_jobs(model: HFModel, module: str, dtype: torch.dtype, group: int | None,
+              double_quant: bool) -> list[TensorJob]:
     name = module + ".weight"
     shape = tuple(model.tensors.info(name).shape)
     numel = shape[0] * shape[1]  # 2-D: checked by _select
     blocks = -(-numel // core.NF4_BLOCKSIZE)
     state_key = "quant_state.bitsandbytes__nf4"
-    # With double quantization the record holds the absmax mean: exact when measured while
-    # planning, else sized with a typical spelling (dry run).
-    estimated = double_quant and offset is None
-    state_len = len(quant_state_json(shape, dtype, (_OFFSET_PLACEHOLDER if estimated else offset)
-                                     if double_quant else None))
+    # With double quantization the record holds the absmax mean, so its length is known only once
+    # the weight is read: it is sized with a typical spelling here, and NF4Plan.prepare measures it.
+    estimated = double_quant
+    state_len = len(quant_state_json(shape, dtype, _OFFSET_PLACEHOLDER if double_quant else None))
 
     def compute() -> dict[str, torch.Tensor]:
         packed, absmax = core.nf4_blocks(_load_weight(model, name, dtype, fp16_only=False))
@@ -236,7 +236,7 @@ def _nf4_jobs(model: HFModel, module: str, dtype: torch.dtype, group: int | None
     specs += [
         (name + ".quant_map", (16,), torch.float32, "quant_map", "NF4 levels"),
         (f"{name}.{state_key}", (state_len,), torch.uint8, state_key,
-         "JSON (size estimated)" if estimated else "JSON"),
+         "JSON (size measured before writing)" if estimated else "JSON"),
     ]
     return [TensorJob(TensorSpec(n, s, d), out.take(k), group, why) for n, s, d, k, why in specs]
 
@@ -363,29 +363,50 @@ def plan_int8(src: Path, out: Path, threshold: float = 6.0, skip_modules: str | 
                   [f"outlier threshold {threshold} (used at inference; weights are stored row-wise int8)"])
 
 
-def plan_nf4(src: Path, out: Path, compute_dtype: str | None = None, double_quant: bool = False,
-             skip_modules: str | list[str] | None = None, max_shard_size: str = "5GB",
-             exact: bool = True) -> Plan:
-    """Plan an NF4 artifact (transformers' `load_in_4bit`, quant type nf4, block size 64).
+@dataclass
+class NF4Plan(Plan):
+    """An NF4 plan; with double quantization each quant-state record holds the weight's mean
+    block absmax, whose spelling (and so the record's byte length, which the writer lays out
+    before the first tensor) is known only from the weight. Planning stays pure: `prepare` (run by
+    the executor before any output is opened) reads each quantized weight once and fixes those
+    lengths; a dry run shows them sized with a typical spelling."""
 
-    With double quantization and `exact`, every quantized weight is read once while planning (see
-    `_nested_offsets`); `exact=False` (a dry run) estimates that record's size instead.
-    """
+    model: HFModel | None = None
+    dtype: torch.dtype = torch.float32
+    quantized: list[str] = field(default_factory=list)
+    double_quant: bool = False
+
+    def prepare(self, force: bool, resume: bool) -> None:
+        super().prepare(force, resume)
+        if not self.double_quant:
+            return
+        offsets = _nested_offsets(self.model, self.quantized, self.dtype)
+        state = ".weight.quant_state.bitsandbytes__nf4"
+        for job in self.jobs:
+            if job.spec.name.endswith(state):
+                module = job.spec.name.removesuffix(state)
+                shape = tuple(self.model.tensors.info(module + ".weight").shape)
+                size = len(quant_state_json(shape, self.dtype, offsets[module]))
+                job.spec = TensorSpec(job.spec.name, (size,), torch.uint8)
+
+
+def plan_nf4(src: Path, out: Path, compute_dtype: str | None = None, double_quant: bool = False,
+             skip_modules: str | list[str] | None = None, max_shard_size: str = "5GB") -> NF4Plan:
+    """Plan an NF4 artifact (transformers' `load_in_4bit`, quant type nf4, block size 64)."""
     compute = dtype_name(parse_dtype(compute_dtype)) if compute_dtype else "float32"
     model = _open(Path(src), "nf4")
     skip_modules = parse_skip_modules(skip_modules)
     quantized, kept = _select(model, skip_modules, "nf4")
     dtype = model_dtype(model, quantized)
-    offsets: dict[str, float] = {}
-    if double_quant and exact:
-        offsets = _nested_offsets(model, quantized, dtype)
     options = {"compute_dtype": compute, "double_quant": double_quant, "skip_modules": skip_modules,
                "max_shard_size": max_shard_size}
     notes = [f"compute dtype {compute}; double quantization {'on' if double_quant else 'off'}"]
-    if double_quant and not exact:
-        notes.append("quant-state sizes are estimates (each holds a mean computed from the weights)")
-    return _build(model, out, "nf4", quantized, kept, dtype,
-                  lambda m, g: _nf4_jobs(model, m, dtype, g, double_quant, offsets.get(m)),
+    if double_quant:
+        notes.append("quant-state sizes are estimates until run (each holds a mean computed from the weights)")
+    plan = _build(model, out, "nf4", quantized, kept, dtype,
+                  lambda m, g: _nf4_jobs(model, m, dtype, g, double_quant),
                   quantization_config(4, skip_modules=skip_modules, compute_dtype=compute,
                                       double_quant=double_quant),
                   options, max_shard_size, notes)
+    return NF4Plan(**{f.name: getattr(plan, f.name) for f in fields(Plan)}, model=model, dtype=dtype,
+                   quantized=quantized, double_quant=double_quant)

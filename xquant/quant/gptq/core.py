@@ -9,6 +9,17 @@ The paper's three practical refinements are all here: a fixed column order (opti
 decreasing Hessian diagonal, "act-order"), lazy batch updates over blocks of columns, and the
 upper Cholesky factor of H⁻¹ in place of repeated inverse updates (numerically stable).
 
+Column order. Plain GPTQ goes left to right. Act-order (`desc_act`) goes by decreasing Hessian
+diagonal, so the columns whose inputs carry the most energy are quantized first, while many
+columns are still free to absorb their error; its groups are then runs of the permuted order, so
+g_idx is a scattered map and kernels must gather. Group-aware reordering (`act_group_aware`, the
+default without act-order; Gafni, Karnieli and Hanani, "Dual Precision Quantization for Efficient
+and Accurate Deep Neural Networks Inference", CVPRW 2025, as GPTQModel does it) keeps the
+contiguous groups of the plain order and only changes when each is visited: groups by decreasing
+largest diagonal, and inside a group its columns by decreasing diagonal. Every group is still
+quantized as one run with one (scale, zero), so undoing the permutation puts the codes back in
+column order with g_idx = i // group_size: a plain checkpoint that every kernel runs at full speed.
+
 Nothing here reads files or knows about models; the layer walker feeds it tensors.
 """
 
@@ -41,6 +52,7 @@ class QuantSpec:
     static_groups: bool = False
     damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
     block_size: int = 128  # columns per lazy batch update
+    act_group_aware: bool = True  # group-aware column order when not desc_act (module docstring)
 
     @property
     def maxq(self) -> int:
@@ -162,6 +174,28 @@ def inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Ten
         lam = min(1.0, lam * 2)
 
 
+def column_order(diag: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The order GPTQ visits the columns in: perm[k] is the original column quantized k-th.
+
+    desc_act: by decreasing Hessian diagonal (it takes precedence over act_group_aware, as the
+    finer of the two orders). act_group_aware: whole groups by decreasing largest diagonal, and
+    inside each group its columns by decreasing diagonal, so every run of `group width` positions
+    is one original group. Otherwise the identity. Ties keep the original order (stable sorts),
+    so the result is deterministic.
+    """
+    cols = diag.numel()
+    if spec.desc_act:
+        return torch.argsort(diag, descending=True, stable=True)
+    if not spec.act_group_aware:
+        return torch.arange(cols, device=diag.device)
+    width = spec.group_width(cols)
+    by_group = diag.reshape(cols // width, width)
+    inside = torch.argsort(by_group, dim=1, descending=True, stable=True)
+    groups = torch.argsort(by_group.max(dim=1).values, descending=True, stable=True)
+    start = torch.arange(0, cols, width, device=diag.device)[:, None]
+    return (inside + start)[groups].reshape(-1)
+
+
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, name: str = "weight") -> QuantizedWeight:
     """Quantize W [out, in] given H [in, in] = 2XXᵀ of its calibration inputs.
 
@@ -170,7 +204,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, name: str =
     size so a group never straddles two blocks). With act-order, groups are runs of
     `group_size` columns in the permuted order, and g_idx maps each original column to its
     group; with static groups they are fixed up front on the original weights, in the original
-    column order, so g_idx stays monotone (kernels then need no reordering).
+    column order, so g_idx stays monotone (kernels then need no reordering). With the plain or
+    the group-aware order, each run of the permuted order is one original group, so the group of
+    position c is that of its original column and g_idx is i // group_size.
     """
     if spec.bits not in BITS:
         raise XQuantError(f"{name}: {spec.bits}-bit GPTQ is not supported (choose one of {BITS})")
@@ -196,12 +232,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, name: str =
         # One (scale, zero) per original group, from the weights before any feedback.
         static = [find_params(W[:, g * width:(g + 1) * width], spec) for g in range(n_groups)]
 
-    if spec.desc_act:
-        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+    perm = column_order(H.diagonal(), spec)
+    # Groups are runs of the visiting order (act-order) or the original groups (every other order).
+    runs = spec.desc_act and static is None
+    if not bool((perm == torch.arange(cols, device=perm.device)).all()):
         W = W[:, perm]
         H = H.index_select(0, perm).index_select(1, perm)
-    else:
-        perm = torch.arange(cols, device=W.device)
 
     U, used_damp = inverse_cholesky(H, spec.damp, name)
     del H
@@ -227,15 +263,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, name: str =
         with _single_thread(W.device):
             for j in range(b1 - b0):
                 c = b0 + j  # position in the (possibly permuted) order
+                g = c // width if runs else perm_list[c] // width
                 if static is not None:
-                    g = perm_list[c] // width
                     scale, zero = scales[g], zeros[g]
-                elif c % width == 0:
-                    g = c // width
+                elif c % width == 0:  # a group's first column (its columns are the next `width`)
                     scale, zero = find_params(Wb[:, j:j + width], spec)
                     scales[g], zeros[g] = scale, zero
-                else:
-                    g = c // width
                 col_group[c] = g
                 w = Wb[:, j]
                 q, dq = quantize_column(w, scale, zero, maxq)

@@ -49,7 +49,11 @@ class GPTQOptions(Options):
 
     bits: int = opt(4, "2, 3, 4 or 8.")
     group_size: int = opt(128, "Input features per scale/zero group; -1: one per row.")
-    desc_act: bool = opt(False, "Act-order: quantize columns by decreasing Hessian diagonal.")
+    desc_act: bool = opt(False, "Act-order: quantize columns by decreasing Hessian diagonal (best quality; "
+                                "g_idx then scatters, which slows some kernels).")
+    act_group_aware: bool = opt(True, "Without --desc-act: visit groups by importance and columns within each by "
+                                      "decreasing Hessian diagonal; the checkpoint stays plain (g_idx = i // group).",
+                                flag="--act-group-aware/--no-act-group-aware")
     static_groups: bool = opt(False, "Fix group scales before quantizing (act-order without reordering at inference).")
     sym: bool = opt(True, "Symmetric (fixed zero point) or asymmetric groups.", flag="--sym/--asym")
     damp: float = opt(0.01, "Dampening: fraction of the mean Hessian diagonal (raised automatically if needed).")
@@ -67,7 +71,13 @@ class GPTQOptions(Options):
 
     def spec(self) -> QuantSpec:
         return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym, desc_act=self.desc_act,
-                         static_groups=self.static_groups, damp=self.damp)
+                         static_groups=self.static_groups, damp=self.damp, act_group_aware=self.group_aware)
+
+    @property
+    def group_aware(self) -> bool:
+        """Whether the group-aware order is used: act-order, the finer order, takes precedence (GPTQModel
+        turns act_group_aware off when desc_act is on, and refuses the two set together explicitly)."""
+        return self.act_group_aware and not self.desc_act
 
     def check(self) -> None:
         if self.bits not in BITS:
@@ -111,7 +121,7 @@ def quantize_config(o: GPTQOptions) -> dict[str, Any]:
             "static_groups": o.static_groups,
             "true_sequential": o.true_sequential,
             "mse": 0.0,
-            "act_group_aware": False,
+            "act_group_aware": o.group_aware,
         },
         "sym": o.sym,
     }
