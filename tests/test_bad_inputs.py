@@ -213,17 +213,17 @@ def test_meta_pth_with_bad_crc(meta_model, tmp_path, out_dir):
 
 CONFIG_CASES = {
     # id: (config changes, command, needles)
-    "hidden-int8": ({"hidden_size": 512}, ["int8"], ["hidden_size 512", "model.embed_tokens.weight", "[2000, 256]"]),
+    "hidden-int8": ({"hidden_size": 512}, ["int8"], ["hidden_size 512", "model.embed_tokens.weight", "2000x256"]),
     "hidden-nf4": ({"hidden_size": 512}, ["nf4"], ["hidden_size 512", "model.embed_tokens.weight"]),
     "hidden-gguf": ({"hidden_size": 512}, ["gguf", "--outtype", "f16"], ["hidden_size 512", "model.embed_tokens.weight"]),
     "hidden-convert": ({"hidden_size": 128}, ["convert"], ["hidden_size 128", "model.embed_tokens.weight"]),
     "heads-convert": ({"num_attention_heads": 3, "num_key_value_heads": 3, "head_dim": None}, ["convert"],
                       ["hidden_size 256", "num_attention_heads 3"]),
     "heads-q-rows": ({"num_attention_heads": 4, "num_key_value_heads": 2}, ["convert"],
-                     ["num_attention_heads 4", Q0, "[256, 256]"]),
+                     ["num_attention_heads 4", Q0, "256x256", "expected 128x256"]),
     "kv-heads-int8": ({"num_key_value_heads": 8}, ["int8"],
                       ["num_key_value_heads 8", "model.layers.0.self_attn.k_proj.weight"]),
-    "vocab-int8": ({"vocab_size": 1500}, ["int8"], ["vocab_size 1500", "model.embed_tokens.weight", "[2000, 256]"]),
+    "vocab-int8": ({"vocab_size": 1500}, ["int8"], ["vocab_size 1500", "model.embed_tokens.weight", "2000x256"]),
     "intermediate-nf4": ({"intermediate_size": 512}, ["nf4"],
                          ["intermediate_size 512", "model.layers.0.mlp.gate_proj.weight"]),
     "fewer-layers-gguf": ({"num_hidden_layers": TINY_LAYERS - 1}, ["gguf"],

@@ -157,13 +157,17 @@ def check_config(model: HFModel) -> None:
         if quantized and not info.dtype.is_floating_point:
             continue  # packed by a quantizer: its shape is the format's, not the model's
         if len(info.shape) != len(axes):
-            raise ShapeError(f"{info.file}: tensor '{name}' has shape {list(info.shape)}, expected "
+            raise ShapeError(f"{info.file}: tensor '{name}' is {_fmt(info.shape)}, expected "
                              f"{len(axes)} dimensions ({' x '.join(axes)})")
-        for axis, (key, got) in enumerate(zip(axes, info.shape)):
-            want = sizes.get(key)
-            if want is not None and got != want:
-                raise ShapeError(f"{source}: {why[key]}, but tensor '{name}' has shape {list(info.shape)} "
-                                 f"({got} along axis {axis})")
+        want = tuple(sizes.get(key) or got for key, got in zip(axes, info.shape))
+        if want != tuple(info.shape):
+            key = next(k for k, got, w in zip(axes, info.shape, want) if got != w)
+            raise ShapeError(f"{source}: {why[key]}, but tensor '{name}' is {_fmt(info.shape)} "
+                             f"(expected {_fmt(want)})")
+
+
+def _fmt(shape) -> str:
+    return "x".join(map(str, shape)) if len(shape) else "scalar"
 
 
 def _layers_present(arch: Architecture, reader: TensorReader) -> set[int]:

@@ -1,8 +1,10 @@
 """`xquant report`: size, memory and accuracy of every artifact next to its reference.
 
 Each artifact (and the reference first) is evaluated in its own worker process, in its real
-runtime. The results become report.json (schema: xquant/report.schema.json), report.md (the table
-people compare artifacts by, with deltas to the reference) and report.png (size vs perplexity).
+runtime. The results become report.json (schema: xquant/report.schema.json), report.md (opening
+with the table publishers print: size, memory, benchmark accuracy and its change, perplexity, KL)
+and report.png (size against perplexity, and against benchmark accuracy or KL). With
+`model_card=True` each artifact gets a Hugging Face model card (model_card.py).
 """
 
 from __future__ import annotations
@@ -62,13 +64,27 @@ def _param_count(reference: Path) -> int:
     return int(inspect_path(reference)["parameters"])
 
 
-def _run_worker(job: dict, workdir: Path, name: str) -> dict:
+def _run_worker(job: dict, workdir: Path, name: str, advance=None) -> dict:
+    """Run one worker; each byte it writes to the progress pipe is one question done."""
     job_path, out_path = workdir / f"{name}.job.json", workdir / f"{name}.result.json"
-    job_path.write_text(json.dumps(job))
-    proc = subprocess.run([sys.executable, "-m", "xquant.evaluate.worker", str(job_path), str(out_path)],
-                          capture_output=True, text=True, env={**os.environ, "XQUANT_QUIET": "1"})
-    if proc.returncode != 0 or not out_path.exists():
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    read_end, write_end = os.pipe()
+    job_path.write_text(json.dumps({**job, "progress_fd": write_end}))
+    with open(workdir / f"{name}.stderr", "w+") as err:
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "xquant.evaluate.worker", str(job_path), str(out_path)],
+                                    stdout=subprocess.DEVNULL, stderr=err, pass_fds=(write_end,),
+                                    env={**os.environ, "XQUANT_QUIET": "1"})
+        finally:
+            os.close(write_end)
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            while chunk := pipe.read(4096):
+                if advance is not None:
+                    advance(len(chunk))
+        returncode = proc.wait()
+        err.seek(0)
+        stderr = err.read()
+    if returncode != 0 or not out_path.exists():
+        last = (stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"evaluation process failed: {last}"}
     return json.loads(out_path.read_text())
 
@@ -84,43 +100,86 @@ def _made_by(path: Path) -> dict[str, Any] | None:
     return made
 
 
+def format_label(path: Path, kind: str, made_by: dict[str, Any] | None) -> str:
+    """What a reader calls the format: 'float16', 'int8 (LLM.int8)', 'GPTQ 4-bit g128', 'GGUF q4_k_m'."""
+    o = (made_by or {}).get("options") or {}
+    if kind == "hf":
+        cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+        return str(cfg.get("torch_dtype") or cfg.get("dtype") or "hf")
+    if kind == "gguf":
+        return f"GGUF {o['outtype']}" if o.get("outtype") else "GGUF"
+    if kind == "gptq":
+        return f"GPTQ {o.get('bits', '?')}-bit g{o.get('group_size', '?')}" if o else "GPTQ"
+    return {"int8": "int8 (LLM.int8)", "nf4": "NF4 (4-bit)"}.get(kind, kind)
+
+
+def _benchmark_jobs(specs: list[str], limit: int | None) -> list[dict[str, Any]]:
+    """Read and check every benchmark directory now (a malformed file fails before any evaluation)."""
+    from .evaluate.benchmarks import load_benchmark, parse_spec
+
+    jobs = []
+    for spec in specs:
+        name, path = parse_spec(spec)
+        b = load_benchmark(name, path, limit)
+        jobs.append({"name": name, "title": b.layout.title, "path": str(path.resolve()), "limit": limit,
+                     "subjects": len(b.subjects), "questions": b.questions})
+    return jobs
+
+
 def build_report(reference: Path, artifacts: list[Path], out: Path, evals: list[str] | None = None,
                  mc: list[Path] | None = None, max_tokens: int = 8192, window: int = 2048,
-                 device: str = "cpu", force: bool = False) -> dict[str, Any]:
-    """Evaluate the reference and each artifact; write report.{json,md,png} into `out`."""
+                 device: str = "cpu", force: bool = False, benchmarks: list[str] | None = None,
+                 shots: int = 5, limit: int | None = None, kl_divergence: bool = False,
+                 model_card: bool = False) -> dict[str, Any]:
+    """Evaluate the reference and each artifact; write report.{json,md,png} into `out`.
+
+    `benchmarks` are NAME=DIR specs (evaluate/benchmarks.py); without them the bundled
+    multiple-choice set stands in unless `mc` names files."""
+    from .evaluate.mc import load_mc
+
     reference = Path(reference)
     kinds = {p: detect_kind(p) for p in [reference, *artifacts]}
     specs = _eval_specs(list(evals or DEFAULT_EVAL))
-    mc_paths = [str(p) for p in (mc if mc is not None else default_mc())]
+    bench_jobs = _benchmark_jobs(list(benchmarks or ()), limit)
+    mc_paths = [str(p) for p in (mc if mc is not None else ([] if bench_jobs else default_mc()))]
+    questions = sum(b["questions"] for b in bench_jobs)
     for p in mc_paths:  # fail early on a broken MC file, before any evaluation
-        from .evaluate.mc import load_mc
-
-        load_mc(Path(p))
+        questions += len(load_mc(Path(p)))
     params = _param_count(reference)
     prov = Provenance("report", {"evals": [s["source"] for s in specs], "mc": mc_paths,
+                                 "benchmarks": [f"{b['name']}={b['path']}" for b in bench_jobs], "shots": shots,
+                                 "limit": limit, "kl_divergence": kl_divergence,
                                  "max_tokens": max_tokens, "window": window}, [])
     rows: list[dict[str, Any]] = []
     with atomic_dir(out, prov, force=force) as art, tempfile.TemporaryDirectory() as tmp:
         ref_dir = Path(tmp)
         entries = [(reference, "reference"), *((a, "artifact") for a in artifacts)]
-        with progress("evaluating", total=len(entries)) as advance:
-            for i, (path, role) in enumerate(entries):
-                info(f"evaluating {path} ({kinds[path]})")
-                job = {"artifact": str(path), "role": role, "sets": specs, "mc": mc_paths,
-                       "max_tokens": max_tokens, "window": window, "ref_dir": str(ref_dir), "device": device}
-                res = _run_worker(job, ref_dir, f"a{i}")
-                if role == "reference" and "error" in res:
-                    raise InputError(f"{path}: the reference could not be evaluated ({res['error']})")
-                size = _disk_size(path)
-                rows.append({
-                    "name": path.name, "path": str(path.resolve()), "role": role, "kind": kinds[path],
-                    "size_bytes": size, "bits_per_weight": size * 8 / params if params else None,
-                    "made_by": _made_by(path), **res,
-                })
-                advance()
+        for i, (path, role) in enumerate(entries):
+            info(f"evaluating {path} ({kinds[path]})")
+            job = {"artifact": str(path), "role": role, "sets": specs, "mc": mc_paths,
+                   "benchmarks": bench_jobs, "shots": shots, "kl_divergence": kl_divergence,
+                   "max_tokens": max_tokens, "window": window, "ref_dir": str(ref_dir), "device": device}
+            with progress(f"[{i + 1}/{len(entries)}] {path.name}: questions", total=questions) as advance:
+                res = _run_worker(job, ref_dir, f"a{i}", advance)
+            if role == "reference" and "error" in res:
+                raise InputError(f"{path}: the reference could not be evaluated ({res['error']})")
+            size = _disk_size(path)
+            made_by = _made_by(path)
+            rows.append({
+                "name": path.name, "path": str(path.resolve()), "role": role, "kind": kinds[path],
+                "format": format_label(path, kinds[path], made_by),
+                "size_bytes": size, "bits_per_weight": size * 8 / params if params else None,
+                "made_by": made_by, **res,
+            })
         report = {"schema": "xquant-report/1", "xquant_version": __version__, "reference": str(reference.resolve()),
                   "parameters": params, "eval_sets": [s["name"] for s in specs],
-                  "mc_sets": [Path(p).stem for p in mc_paths], "artifacts": rows}
+                  "mc_sets": [Path(p).stem for p in mc_paths],
+                  "benchmarks": [{**b, "shots": shots, "overall": "mean over questions"} for b in bench_jobs],
+                  "kl_divergence": kl_divergence, "artifacts": rows}
+        if model_card:
+            from .model_card import write_model_cards
+
+            report["model_cards"] = write_model_cards(report)
         (art.path / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         (art.path / "report.md").write_text(render_markdown(report))
         plot(report, art.path / "report.png")

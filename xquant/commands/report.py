@@ -8,7 +8,22 @@ from pathlib import Path
 from typing import Any
 
 from . import Command, Input, command
-from .options import Options, at_least, opt
+from .options import Options, at_least, opt, positive
+
+
+def _benchmark_spec(values: tuple[str, ...]) -> str | None:
+    """Each value is NAME=DIR with a known benchmark NAME (the directory is read when the report starts)."""
+    from ..evaluate.benchmarks import known
+
+    for v in values:
+        name, eq, path = v.partition("=")
+        if not eq or not path:
+            return f"expected NAME=DIR (NAME one of {', '.join(known())})"
+        if name not in known():
+            return f"unknown benchmark '{name}' (known: {', '.join(known())})"
+    names = [v.partition("=")[0] for v in values]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    return f"'{dup}' given twice" if dup else None
 
 
 @dataclass(frozen=True)
@@ -20,6 +35,13 @@ class ReportOptions(Options):
     mc: tuple[Path, ...] | None = opt(None, "Multiple-choice CSV (C-Eval/MMLU layout); repeatable "
                                             "(default: the bundled bilingual set).")
     max_tokens: int = opt(8192, "Tokens per eval set.", check=at_least(16))
+    benchmark: tuple[str, ...] | None = opt(None, "NAME=DIR of a downloaded benchmark in its official layout "
+                                                  "(ceval, cmmlu, mmlu); repeatable.", check=_benchmark_spec)
+    shots: int = opt(5, "Dev examples with answers before each benchmark question.", check=at_least(0))
+    limit: int | None = opt(None, "Scored questions per benchmark subject (default: all).", check=positive)
+    kl_divergence: bool = opt(False, "The full divergence summary as llama-perplexity's --kl-divergence prints it "
+                                     "(KL percentiles, same top p, RMS Δp, ln PPL ratio).")
+    model_card: bool = opt(False, "Write a Hugging Face model card (README.md) into each artifact.")
     device: str = opt("cpu", "cpu or cuda.", choices=("cpu", "cuda"), fingerprint=False)
 
 
@@ -63,8 +85,11 @@ class ReportPlan:
         o = self.options
         return {"output": str(self.out), "artifacts": len(self.artifacts),
                 "eval sets": ", ".join(o.eval or ("zh", "en", "code")),
-                "multiple choice": ", ".join(map(str, o.mc)) if o.mc else "bundled bilingual set",
+                "multiple choice": ", ".join(map(str, o.mc)) if o.mc else
+                ("none" if o.benchmark and o.mc is None else "bundled bilingual set"),
                 "tokens per set": o.max_tokens,
+                "benchmarks": (", ".join(o.benchmark) + f" ({o.shots}-shot"
+                               + (f", {o.limit} per subject)" if o.limit else ")")) if o.benchmark else "none",
                 "estimated peak memory": f"{human_bytes(self.peak_memory_estimate())} (one artifact at a time)"}
 
     def to_json(self) -> dict[str, Any]:
@@ -84,7 +109,9 @@ def _run(plan: ReportPlan, force: bool, resume: bool) -> dict[str, Any]:
 
     o = plan.options
     result = build_report(plan.reference, plan.artifacts, plan.out, list(o.eval) if o.eval else None,
-                          list(o.mc) if o.mc is not None else None, o.max_tokens, device=o.device, force=force)
+                          list(o.mc) if o.mc is not None else None, o.max_tokens, device=o.device, force=force,
+                          benchmarks=list(o.benchmark or ()), shots=o.shots, limit=o.limit,
+                          kl_divergence=o.kl_divergence, model_card=o.model_card)
     result["_out"] = str(plan.out)
     return result
 
@@ -93,6 +120,9 @@ def _show(result: dict[str, Any]) -> None:
     from ..console import console
 
     console.print((Path(result["_out"]) / "report.md").read_text(), markup=False, soft_wrap=True)
+    for card in result.get("model_cards") or []:
+        if not card["written"]:
+            console.print(f"[yellow]model card not written:[/] {card['path']}: {card['note']}")
     skipped = [r["name"] for r in result["artifacts"] if "error" in r]
     if skipped:
         console.print(f"[yellow]skipped:[/] {', '.join(skipped)}")

@@ -100,9 +100,10 @@ def predict(encode, logits_fn, prompt: str, sep: str = " ", context: int | None 
     return "ABCD"[int(last[letters].argmax())], cut
 
 
-def mc_accuracy(encode, logits_fn, questions: list[Question]) -> dict:
+def mc_accuracy(encode, logits_fn, questions: list[Question], advance=lambda: None) -> dict:
     correct = 0
     for q in questions:
         pred, _ = predict(encode, logits_fn, q.prompt())
         correct += pred == q.answer
+        advance()
     return {"questions": len(questions), "correct": correct, "accuracy": correct / len(questions)}

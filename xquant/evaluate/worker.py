@@ -2,13 +2,15 @@
 
 A separate process per artifact gives each a clean memory measurement (resident memory after the
 libraries are imported, compared with the peak once the model is loaded and evaluated) and keeps
-one runtime's allocations from skewing the next.
+one runtime's allocations from skewing the next. The worker writes one byte per multiple-choice
+question to the job's `progress_fd` (a pipe the report reads for its progress bar).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import resource
 import sys
 import time
@@ -37,9 +39,12 @@ def _peak_rss() -> int:
 def evaluate(job: dict) -> dict:
     import torch
 
+    import numpy as np
+
     from ..calib import load_set
+    from .benchmarks import load_benchmark, score_benchmark
     from .mc import UnscorableError, load_mc, mc_accuracy
-    from .metrics import score_set
+    from .metrics import divergence, score_set
     from .runtimes import open_runtime
 
     torch.manual_seed(0)
@@ -52,6 +57,9 @@ def evaluate(job: dict) -> dict:
     window = min(int(job["window"]), rt.context)
     result: dict = {"kind": rt.kind, "engine": rt.engine, "load_seconds": load_seconds, "window": window,
                     "sets": {}, "mc": {}}
+    fd = job.get("progress_fd")
+    tick = (lambda: os.write(fd, b".")) if fd is not None else (lambda: None)
+    per_token: list[dict] = []
     for spec in job["sets"]:
         name = spec["name"]
         ids: list[int] = []
@@ -75,19 +83,44 @@ def evaluate(job: dict) -> dict:
                 row = score_set(rt.logits, ids, window)
                 row["kl_skipped"] = f"context window {window} differs from the reference's {ref_meta['window']}"
             else:
-                row = score_set(rt.logits, ids, window, ref=ref_lp)
+                row = score_set(rt.logits, ids, window, ref=ref_lp, per_token=bool(job.get("kl_divergence")))
+                if "per_token" in row:
+                    per_token.append(row.pop("per_token"))
         row["ids_digest"] = digest
         result["sets"][name] = row
     for path in job.get("mc", []):
         t1 = time.perf_counter()
         name = Path(path).stem
         try:
-            acc = mc_accuracy(rt.encode, rt.logits, load_mc(Path(path)))
+            acc = mc_accuracy(rt.encode, rt.logits, load_mc(Path(path)), advance=tick)
         except UnscorableError as e:  # one metric this tokenizer cannot give: noted, the rest computed
             result.setdefault("notes", []).append({"metric": f"MC {name}", "skipped": str(e)})
             continue
         acc["seconds"] = time.perf_counter() - t1
         result["mc"][name] = acc
+    if per_token:  # the divergence summary over every set's tokens together
+        result["divergence"] = divergence(*(np.concatenate([p[k] for p in per_token])
+                                            for k in ("kl", "same_top", "lp", "ref_lp")))
+    if job.get("benchmarks"):
+        result["benchmarks"] = {}
+    for b in job.get("benchmarks", []):
+        t1 = time.perf_counter()
+        name = b["name"]
+        # The reference decides how many shots each question gets (dropping shots where the prompt
+        # is longer than the context); every artifact then sees the same prompts.
+        plan_path = ref_dir / f"benchmark-{name}.shots.json"
+        plan = json.loads(plan_path.read_text()) if not is_ref and plan_path.exists() else None
+        try:
+            res = score_benchmark(rt.encode, rt.logits, load_benchmark(name, Path(b["path"]), b.get("limit")),
+                                  int(job.get("shots", 5)), rt.context, plan, tick)
+        except UnscorableError as e:
+            result.setdefault("notes", []).append({"metric": b.get("title", name), "skipped": str(e)})
+            continue
+        shots = res.pop("plan")
+        if is_ref:
+            plan_path.write_text(json.dumps(shots))
+        res["seconds"] = time.perf_counter() - t1
+        result["benchmarks"][name] = res
     rt.close()
     peak = _peak_rss()
     result["memory_bytes"] = max(0, peak - before)

@@ -67,9 +67,10 @@ def rope_settings(config: dict[str, Any], source: str) -> tuple[float | None, st
 
 
 def hparams_kv(config: dict[str, Any], gguf_arch: str, n_layers: int, source: str,
-               extra: dict[str, str] | None = None) -> list[KV]:
+               extra: dict[str, str] | None = None, constants: dict[str, Any] | None = None) -> list[KV]:
     """The architecture keys of a LLaMA-like config, typed as llama.cpp reads them; `extra` adds
-    unsigned keys `<arch>.KEY` from config keys (an architecture's `[gguf] hparams`, e.g. expert counts)."""
+    unsigned keys `<arch>.KEY` from config keys (an architecture's `[gguf] hparams`, e.g. expert counts),
+    `constants` keys `<arch>.KEY` with fixed values (`[gguf] constants`: uint32, float32 or bool)."""
     act = config.get("hidden_act", "silu")
     if act not in SUPPORTED_ACTIVATIONS:
         raise UnsupportedError(f"{source}: hidden_act '{act}' is not supported for GGUF (supported: silu)")
@@ -86,6 +87,9 @@ def hparams_kv(config: dict[str, Any], gguf_arch: str, n_layers: int, source: st
         if not isinstance(value, int) or isinstance(value, bool):
             raise InputError(f"{source}: '{config_key}' ({value!r}) is not an integer, needed for {gguf_arch}.{key}")
         out.append(KV(f"{gguf_arch}.{key}", value, V.UINT32))
+    for key, value in (constants or {}).items():
+        vtype = V.BOOL if isinstance(value, bool) else V.UINT32 if isinstance(value, int) else V.FLOAT32
+        out.append(KV(f"{gguf_arch}.{key}", value, vtype))
     theta, kind, factor = rope_settings(config, source)
     if theta is not None:
         out.append(KV(Keys.Rope.FREQ_BASE.format(arch=gguf_arch), float(theta), V.FLOAT32))

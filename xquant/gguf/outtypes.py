@@ -23,6 +23,9 @@ from gguf import LlamaFileType as F
 
 from ..errors import UnsupportedError
 
+# Rows are quantized in chunks of about this many values, bounding the quantizer's float temporaries.
+CHUNK_VALUES = 16 * 2**20
+
 
 @dataclass(frozen=True)
 class OutType:

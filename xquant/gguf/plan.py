@@ -23,12 +23,9 @@ from ..model import detect, open_hf
 from ..pipeline import BASE_MEMORY, Executable, Output
 from . import outtypes
 from .metadata import KV, general_kv, hparams_kv
-from .outtypes import OutType
+from .outtypes import CHUNK_VALUES, OutType
 from .vocab import Vocab, load_vocab
 
-# Interpreter, torch, numpy and gguf resident before any tensor is read.
-# Rows are quantized in chunks of about this many values, bounding numpy's temporaries.
-CHUNK_VALUES = 16 * 2**20
 
 _ARCHS = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
 
@@ -257,7 +254,10 @@ def plan_tensors(reader: TensorReader, arch: Architecture, config: dict[str, Any
     name_map = gguf.get_tensor_name_map(_ARCHS[gguf_arch], n_layers)
     skip = arch.gguf.skip
     keep_f32 = set(arch.gguf.f32)
-    permute = {arch.layer[role]: config.get(key) for role, key in arch.gguf.rope_permute.items()}
+    # A config without num_key_value_heads has as many kv heads as heads (transformers' default).
+    permute = {arch.layer[role]: config.get(key) or (config.get("num_attention_heads")
+                                                      if key == "num_key_value_heads" else None)
+               for role, key in arch.gguf.rope_permute.items()}
     stacks = expert_stacks(reader, arch, config, n_layers)
     out: list[GGUFTensor] = []
     for name in reader.names():
@@ -352,7 +352,7 @@ def plan_gguf(src: Path, out: Path, outtype: str = "f16", calibration: str | Non
     n_params = sum(t.numel for t in tensors)
     # The file xquant writes carries its own type; llama.cpp's quantizer sets the final one.
     kv = general_kv(src, config, n_params, stage.ftype) + hparams_kv(
-        config, gguf_arch, arch.num_layers(config), source, arch.gguf.hparams)
+        config, gguf_arch, arch.num_layers(config), source, arch.gguf.hparams, arch.gguf.constants)
     max_size = parse_size(split_max_size) if split_max_size else 0
     options = {"outtype": otype.name, "calibration": calibration, "split_max_size": max_size or None,
                "imatrix_chunks": imatrix_chunks if calibration else None,

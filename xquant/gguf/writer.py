@@ -17,7 +17,7 @@ import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import gguf
 import numpy as np
@@ -31,7 +31,10 @@ from ..io.hashing import FileHasher
 from ..io.output import ArtifactDir
 from ..io.writer import copy_range
 from .metadata import KV, add_all, provenance_kv, source_digest
-from .plan import CHUNK_VALUES, GGUFPlan, GGUFTensor
+from .outtypes import CHUNK_VALUES
+
+if TYPE_CHECKING:  # the plan calls into this module; no import back at run time
+    from .plan import GGUFPlan, GGUFTensor
 
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 

@@ -9,7 +9,7 @@ GPTQ v1 checkpoint layout that transformers/optimum/GPTQModel load.
 - state.py: the resume state beside the output.
 - plan.py / run.py: options, calibration, the output plan; execution and assembly.
 - optimum_engine.py: the same through optimum's GPTQQuantizer, as a reference.
-- reference.py: the dequantized float model a checkpoint stands for.
+- ../evaluate/gptq_reference.py: the dequantized float model a checkpoint stands for.
 """
 
 import logging

@@ -194,7 +194,7 @@ class GPTQPlan(Plan):
 
     # The executor's side (pipeline.execute): the layer walk before the output is opened.
     def prepare(self, force: bool, resume: bool) -> None:
-        from .run import walk
+        from .walk import walk
 
         walk(self, force, resume)
 
@@ -208,7 +208,7 @@ class GPTQPlan(Plan):
             self.state.remove()
 
     def result(self):
-        from .run import result
+        from .walk import result
 
         return result(self)
 

@@ -14,4 +14,4 @@ class GPTQResult:
     seconds: float
     layers: list[dict[str, Any]] = field(default_factory=list)
     resumed_at: int | None = None  # first layer computed by this run when it continued a state
-    experts: dict[str, Any] | None = None  # mixture of experts: run.expert_summary()
+    experts: dict[str, Any] | None = None  # mixture of experts: walk.expert_summary()
