@@ -192,8 +192,8 @@ def gguf_arch_of(arch: Architecture) -> str:
     if not arch.gguf_arch or arch.gguf_arch not in _ARCHS:
         from ..arch import registry
 
-        ok = sorted(a for name in registry.known() for a in registry.get(name).hf_architectures
-                    if registry.get(name).gguf_arch in _ARCHS)
+        ok = sorted({a for name in registry.known() for a in registry.get(name).hf_architectures
+                     if registry.get(name).gguf_arch in _ARCHS})
         raise UnsupportedError(f"architecture '{arch.name}' ({', '.join(arch.hf_architectures)}) is not supported "
                                f"by llama.cpp: no GGUF layout (supported: {', '.join(ok)})")
     return arch.gguf_arch

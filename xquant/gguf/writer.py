@@ -30,6 +30,7 @@ from ..io.finite import check_finite, check_result
 from ..io.hashing import FileHasher
 from ..io.output import ArtifactDir
 from ..io.writer import copy_range
+from . import cquant
 from .metadata import KV, add_all, provenance_kv, source_digest
 from .outtypes import CHUNK_VALUES
 
@@ -46,7 +47,7 @@ def reverse_rotary_permutation(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def encode(t: torch.Tensor, qtype: Q) -> np.ndarray:
+def encode(t: torch.Tensor, qtype: Q, threads: int | None = None) -> np.ndarray:
     """A tensor in GGUF's encoding of qtype, as a numpy array whose bytes are the file's bytes."""
     if qtype == Q.F32:
         return t.to(torch.float32).contiguous().numpy()
@@ -61,8 +62,9 @@ def encode(t: torch.Tensor, qtype: Q) -> np.ndarray:
     out = np.empty((rows, cols // block * type_size), dtype=np.uint8)
     step = max(1, CHUNK_VALUES // cols)
     for r in range(0, rows, step):  # chunks bound the quantizer's float temporaries
-        chunk = flat[r: r + step].to(torch.float32).numpy()
-        out[r: r + step] = gguf.quants.quantize(chunk, qtype)
+        chunk = flat[r: r + step].to(torch.float32).contiguous().numpy()
+        if not cquant.quantize(chunk, qtype, out[r: r + step], threads):  # ggml's C rows, else gguf-py's
+            out[r: r + step] = gguf.quants.quantize(chunk, qtype)
     return out
 
 
@@ -83,7 +85,7 @@ def produce(plan: GGUFPlan, t: GGUFTensor) -> np.ndarray:
         raise OutputError(f"{t.source}: shape {tuple(data.shape)} differs from the plan's {t.shape}")
     if t.permute_heads:
         data = reverse_rotary_permutation(data, t.permute_heads)
-    arr = encode(data, t.qtype)
+    arr = encode(data, t.qtype, plan.threads)
     if t.qtype == Q.F16 and data.dtype != torch.float16:  # values beyond ±65504 become inf
         check_result(t.source, torch.from_numpy(arr), [(plan.reader.info(t.source).file, data)], allow)
     if arr.nbytes != t.nbytes:
