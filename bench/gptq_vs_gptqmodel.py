@@ -17,8 +17,9 @@ Wall time and peak RSS are those of each tool's whole process (wait4's ru_maxrss
     python bench/gptq_vs_gptqmodel.py            # all rows
     XQUANT_BENCH_ROWS=4b-g128 python bench/gptq_vs_gptqmodel.py
 Env: XQUANT_BENCH_GPTQ_SAMPLES (64), XQUANT_BENCH_GPTQ_SEQ (256), XQUANT_BENCH_ROWS (comma list of
-row names), XQUANT_BENCH_XQ_ARGS (extra xquant flags, for experiments). GPTQModel gets
-GPTQMODEL_CPU_WORKERS=2 (it refuses to start on a 2-core machine without it).
+row names), XQUANT_BENCH_REPEATS (1: runs of each tool per row, alternating which goes first; the
+best wall time is shown), XQUANT_BENCH_XQ_ARGS (extra xquant flags, for experiments). GPTQModel
+gets GPTQMODEL_CPU_WORKERS=2 (it refuses to start on a 2-core machine without it).
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import OUT, REPO, gib, measure, xquant_cmd
+from common import OUT, REPO, Run, gib, measure, xquant_cmd
 
 sys.path.insert(0, str(REPO / "tests"))  # the fixture that builds (and caches) the sensitive model
 
 SAMPLES = int(os.environ.get("XQUANT_BENCH_GPTQ_SAMPLES", "64"))
 SEQ = int(os.environ.get("XQUANT_BENCH_GPTQ_SEQ", "256"))
+REPEATS = int(os.environ.get("XQUANT_BENCH_REPEATS", "1"))
 EVAL_SETS, EVAL_WINDOW = ("zh", "en"), 512
 # name -> (bits, group size, act-order)
 ROWS = {"4b-g128": (4, 128, False), "4b-g128-act": (4, 128, True),
@@ -66,7 +68,11 @@ def windows(src: Path):
 
 
 def run_gptqmodel_child(src: str, out: str, windows_file: str, bits: str, group_size: str, act: str) -> None:
-    """The GPTQModel side, in its own process: load, quantize at its defaults, save."""
+    """The GPTQModel side, in its own process: load, quantize at its defaults, save (its progress
+    tables go to OUT.log)."""
+    log = os.open(f"{out}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
     import torch
     from gptqmodel import GPTQModel, QuantizeConfig
 
@@ -132,33 +138,46 @@ def main() -> None:
     torch.save(cal.windows, wfile)
     extra = os.environ.get("XQUANT_BENCH_XQ_ARGS", "").split()
     names = [n for n in os.environ.get("XQUANT_BENCH_ROWS", ",".join(ROWS)).split(",") if n]
-    scorer = Scorer(src)
-    print(f"model {src.name}; calibration {SAMPLES} x {SEQ} tokens of mixed (seed 0); held-out {'+'.join(EVAL_SETS)} "
-          f"{scorer.tokens} tokens, fp32 ppl {scorer.fp32_ppl:.2f}; {os.cpu_count()} CPUs, "
-          f"load {os.getloadavg()[0]:.1f}{'; xquant extra ' + ' '.join(extra) if extra else ''}")
-    head = ("| row | tool | Δppl | KL | logit MSE | wall s | peak RSS | quality ratio xq/gm (KL) | time ratio xq/gm "
-            "| RSS ratio xq/gm |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    print(f"model {src.name}; calibration {SAMPLES} x {SEQ} tokens of mixed (seed 0); {os.cpu_count()} CPUs, "
+          f"load {os.getloadavg()[0]:.1f}{'; xquant extra ' + ' '.join(extra) if extra else ''}", flush=True)
+    # Every run first, scoring after: ru_maxrss of a child counts the parent's size when it forked,
+    # so the parent must not yet hold the evaluation models and logits.
+    timed: dict[str, tuple[Run, Run]] = {}
     for name in names:
         bits, group, act = ROWS[name]
         xq_out, gm_out = root / f"xquant-{name}", root / f"gptqmodel-{name}"
         args = ["--bits", bits, "--group-size", group, "--samples", SAMPLES, "--seq-len", SEQ, "--force",
                 *(["--desc-act"] if act else []), *extra]
-        xq = measure(xquant_cmd("gptq", src, xq_out, *args))
+        gm_cmd = [sys.executable, __file__, "--gptqmodel", str(src), str(gm_out), str(wfile), str(bits), str(group),
+                  "1" if act else "0"]
+        runs: dict[str, list[Run]] = {"xquant": [], "GPTQModel": []}
+        for r in range(REPEATS):  # alternate who goes first: a shared machine's load drifts
+            for tool in (("xquant", "GPTQModel") if r % 2 == 0 else ("GPTQModel", "xquant")):
+                if tool == "xquant":
+                    runs[tool].append(measure(xquant_cmd("gptq", src, xq_out, *args)))
+                else:
+                    shutil.rmtree(gm_out, ignore_errors=True)
+                    runs[tool].append(measure(gm_cmd, env=GPTQMODEL_ENV))
         manifest = json.loads((xq_out / "xquant-manifest.json").read_text())
         if manifest["calibration"]["windows_sha256"] != cal.fingerprint()["windows_sha256"]:
             raise SystemExit("xquant drew different calibration windows than the ones GPTQModel was given")
-        shutil.rmtree(gm_out, ignore_errors=True)
-        gm = measure([sys.executable, __file__, "--gptqmodel", str(src), str(gm_out), str(wfile), str(bits),
-                      str(group), "1" if act else "0"], env=GPTQMODEL_ENV)
-        s_xq, s_gm = scorer.score(xq_out), scorer.score(gm_out)
+        best = {t: Run(min(r.seconds for r in rs), max(r.max_rss for r in rs)) for t, rs in runs.items()}
+        timed[name] = (best["xquant"], best["GPTQModel"])
+        print(f"{name}: xquant {best['xquant'].seconds:.1f} s, GPTQModel {best['GPTQModel'].seconds:.1f} s", flush=True)
+
+    scorer = Scorer(src)
+    print(f"held-out {'+'.join(EVAL_SETS)}: {scorer.tokens} tokens, fp32 ppl {scorer.fp32_ppl:.2f}; "
+          f"best of {REPEATS} run(s) per tool")
+    head = ("| row | tool | Δppl | KL | logit MSE | wall s | peak RSS | KL ratio xq/gm | time ratio xq/gm "
+            "| RSS ratio xq/gm |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, (xq, gm) in timed.items():
+        s_xq, s_gm = scorer.score(root / f"xquant-{name}"), scorer.score(root / f"gptqmodel-{name}")
         for tool, s, run in (("xquant", s_xq, xq), ("GPTQModel", s_gm, gm)):
             ratios = (f"{s_xq.kl / s_gm.kl:.2f} | {xq.seconds / gm.seconds:.2f} | {xq.max_rss / gm.max_rss:.2f}"
                       if tool == "xquant" else " | | ")
             lines.append(f"| {name} | {tool} | {s.ppl - scorer.fp32_ppl:+.3f} | {s.kl:.2e} | {s.mse:.2e} | "
                          f"{run.seconds:.1f} | {gib(run.max_rss)} | {ratios} |")
-        print("\n".join(lines[-2:]), flush=True)
-    print()
     print("\n".join(lines))
 
 

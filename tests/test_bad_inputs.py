@@ -215,7 +215,8 @@ CONFIG_CASES = {
     # id: (config changes, command, needles)
     "hidden-int8": ({"hidden_size": 512}, ["int8"], ["hidden_size 512", "model.embed_tokens.weight", "2000x256"]),
     "hidden-nf4": ({"hidden_size": 512}, ["nf4"], ["hidden_size 512", "model.embed_tokens.weight"]),
-    "hidden-gguf": ({"hidden_size": 512}, ["gguf", "--outtype", "f16"], ["hidden_size 512", "model.embed_tokens.weight"]),
+    "hidden-gguf": ({"hidden_size": 512}, ["gguf", "--outtype", "f16"],
+                    ["hidden_size 512", "model.embed_tokens.weight"]),
     "hidden-convert": ({"hidden_size": 128}, ["convert"], ["hidden_size 128", "model.embed_tokens.weight"]),
     "heads-convert": ({"num_attention_heads": 3, "num_key_value_heads": 3, "head_dim": None}, ["convert"],
                       ["hidden_size 256", "num_attention_heads 3"]),
@@ -321,6 +322,24 @@ def test_nonfinite_meta(meta_model, tmp_path, out_dir):
     refused(["convert", src, out_dir / "out", "--dtype", "bfloat16"], src, out_dir / "out",
             "consolidated.00.pth", "'layers.2.feed_forward.w3.weight'", "NaN")
 
+
+
+@pytest.mark.parametrize("command", [["convert", "--dtype", "float16"], ["convert"], ["gguf", "--outtype", "f16"],
+                                     ["gguf", "--outtype", "f32"]], ids=" ".join)
+def test_allow_nonfinite_passes_them_and_says_so(tiny_model, tmp_path, command):
+    """The explicit option lets NaN/inf through where a format can hold them (casts and copies;
+    quantizers always refuse) and the manifest records it."""
+    src = _copy(tiny_model, tmp_path / "m")
+    _set_values(src, Q0, {(3, 5): math.inf, (0, 0): math.nan})
+    out = tmp_path / ("o.gguf" if command[0] == "gguf" else "o")
+    run_cli(command[0], src, out, *command[1:], "--allow-nonfinite", check=True)
+    manifest = out.parent / f"{out.name}.xquant-manifest.json" if command[0] == "gguf" else out / "xquant-manifest.json"
+    assert json.loads(manifest.read_text())["options"]["allow_nonfinite"] is True
+    if command[0] == "convert":
+        from safetensors.torch import load_file
+
+        w = load_file(out / "model.safetensors")[Q0]
+        assert torch.isinf(w[3, 5]) and torch.isnan(w[0, 0])
 
 def test_check_finite_flag():
     """The rule's one switch: `allow` (each plan's allow_nonfinite) lets NaN/inf through."""

@@ -360,3 +360,100 @@ def test_bad_input(sensitive, built, tmp_path):
     proc = run_cli("gptq", broken, out, "--samples", "4", "--seq-len", "64", env=ONE_THREAD)
     assert_one_line_error(proc, "model.layers.0.self_attn.q_proj.weight", "Hessian")
     assert {p.name for p in tmp_path.iterdir()} == {"short.txt", "broken"}
+
+
+# ---------------------------------------------------------------- group-aware order (issue 16)
+
+
+def test_group_aware_order_keeps_groups_whole():
+    """The group-aware visiting order: each run of `group` positions is one original group, groups
+    by decreasing largest diagonal, columns inside by decreasing diagonal; the result is a plain
+    v1 layout (g_idx = i // group), exactly dequantized, and act-order takes precedence."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2048, 128, generator=g) * torch.exp(torch.randn(128, generator=g))
+    h = 2 * x.t() @ x / x.shape[0]
+    w = torch.randn(64, 128, generator=g)
+    diag = h.diagonal()
+    perm = core.column_order(diag, core.QuantSpec(4, 32))
+    assert sorted(perm.tolist()) == list(range(128))
+    runs = perm.view(4, 32)
+    assert all(len({int(c) // 32 for c in run}) == 1 for run in runs)
+    assert all(bool((diag[run][:-1] >= diag[run][1:]).all()) for run in runs)
+    tops = [float(diag[run].max()) for run in runs]
+    assert tops == sorted(tops, reverse=True) and not torch.equal(perm, torch.arange(128))
+    assert torch.equal(core.column_order(diag, core.QuantSpec(4, 32, desc_act=True)),
+                       torch.argsort(diag, descending=True, stable=True))
+    assert torch.equal(core.column_order(diag, core.QuantSpec(4, 32, act_group_aware=False)), torch.arange(128))
+    for bits in core.BITS:
+        for spec in (core.QuantSpec(bits, 32), core.QuantSpec(bits, 32, False),
+                     core.QuantSpec(bits, 64, static_groups=True), core.QuantSpec(bits, -1)):
+            qw = core.gptq_quantize(w, h, spec, "w")
+            width = spec.group_width(128)
+            assert torch.equal(qw.g_idx, (torch.arange(128) // width).to(torch.int32))
+            t = pack.pack_linear(qw, bits)
+            assert torch.equal(pack.dequantize(*(t[s] for s in pack.SUFFIXES), bits=bits), qw.weight)
+            rtn = core.rtn_quantize(w, spec).weight
+            assert ((qw.weight - w) @ x.t()).pow(2).mean() < ((rtn - w) @ x.t()).pow(2).mean()
+
+
+def test_act_group_aware_option_wiring():
+    from xquant.quant.gptq import plan as gptq_plan
+
+    default = GPTQOptions()
+    assert default.act_group_aware and default.spec().act_group_aware
+    assert gptq_plan.quantize_config(default)["meta"]["act_group_aware"] is True
+    assert gptq_plan.quantize_config(default)["desc_act"] is False
+    act = GPTQOptions(desc_act=True)  # act-order wins: the finer order, GPTQModel's choice too
+    assert not act.spec().act_group_aware and act.spec().desc_act
+    assert gptq_plan.quantize_config(act)["meta"]["act_group_aware"] is False
+    plain = GPTQOptions.from_table({"act_group_aware": False}, "recipe.toml [gptq]")
+    assert not plain.spec().act_group_aware
+
+
+def _kl_to(reference, model, eval_ids) -> float:
+    """Mean over held-out tokens of KL(reference || model), windows of the model's context."""
+    from xquant.evaluate.perplexity import windows
+
+    kl, n = 0.0, 0
+    with torch.inference_mode():
+        for ids in eval_ids.values():
+            for w in windows(ids, tiny.SPEC.context):
+                t = torch.tensor([w])
+                p = torch.log_softmax(reference(t).logits[0, :-1].double(), -1)
+                q = torch.log_softmax(model(t).logits[0, :-1].double(), -1)
+                kl += float((p.exp() * (p - q)).sum())
+                n += len(w) - 1
+    return kl / n
+
+
+def test_group_aware_default_beats_plain_order(sensitive, built, eval_ids, fp32_ppl, rtn_ppl):
+    """The default (group-aware order) against --no-act-group-aware on the sensitive model: lower
+    held-out KL to fp32 and perplexity, still a plain desc_act=false v1 checkpoint that loads in
+    transformers + optimum + gptqmodel, and better than round-to-nearest on every set."""
+    import math
+
+    gar = built("4bit-g128-sym", **CONFIGS["4bit-g128-sym"])
+    plain = built("4bit-g128-sym-plain", **CONFIGS["4bit-g128-sym"], act_group_aware=False)
+    config = json.loads((gar / "quantize_config.json").read_text())
+    assert config["desc_act"] is False and config["meta"]["act_group_aware"] is True
+    assert json.loads((plain / "quantize_config.json").read_text())["meta"]["act_group_aware"] is False
+    ckpt = open_hf_tensors(gar)
+    for name in ckpt.names():
+        if name.endswith(".g_idx"):
+            g_idx = ckpt.get(name)
+            assert torch.equal(g_idx, (torch.arange(g_idx.numel()) // 128).to(torch.int32)), name
+    fp32 = _fp32(sensitive)
+    rtn = rtn_ppl(4, 128, True)
+    got = {}
+    for label, out in (("group-aware", gar), ("plain", plain)):
+        reference = load_dequantized(out)
+        kernel = _check_consumer(out, reference, eval_ids)
+        ppl = _ppl(reference, eval_ids)
+        got[label] = (ppl, _kl_to(fp32, reference, eval_ids))
+        report(f"gptq 4bit-g128 {label} order (kernel {kernel}): KL {got[label][1]:.2e}, ppl " + ", ".join(
+            f"{s} {ppl[s]:.2f} (RTN {rtn[s]:.2f}, fp32 {fp32_ppl[s]:.2f})" for s in EVAL_SETS))
+    (ppl_gar, kl_gar), (ppl_plain, kl_plain) = got["group-aware"], got["plain"]
+    assert kl_gar < kl_plain, (kl_gar, kl_plain)
+    assert sum(math.log(ppl_gar[s]) for s in EVAL_SETS) < sum(math.log(ppl_plain[s]) for s in EVAL_SETS)
+    for s in EVAL_SETS:
+        assert ppl_gar[s] < rtn[s], (s, ppl_gar[s], rtn[s])

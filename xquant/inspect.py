@@ -58,9 +58,26 @@ def _inspect_hf(path: Path, tensors: bool) -> dict[str, Any]:
         "size_on_disk": _disk_size(path),
         "quantization": quant,
     }
+    info.update(_experts(model.arch, c))
     if tensors:
         info["tensors"] = _tensor_rows(reader)
     return info
+
+
+def _experts(arch, c: dict[str, Any]) -> dict[str, Any]:
+    """A mixture of experts' routing (the architecture's `[experts]` keys): routed experts per
+    layer, how many each token is sent to, and the always-on shared experts."""
+    x = arch.experts
+    if x is None:
+        return {}
+    out: dict[str, Any] = {"experts": c.get(x.count), "experts_per_token": c.get(x.used)}
+    if x.width:
+        out["expert_width"] = c.get(x.width)
+    if x.shared_count:
+        out["shared_experts"] = c.get(x.shared_count) or 0
+    elif any(role.startswith("shared_") for role in arch.layer):
+        out["shared_experts"] = 1
+    return out
 
 
 def _param_count(reader, quant) -> int:

@@ -179,7 +179,7 @@ def build_report(reference: Path, artifacts: list[Path], out: Path, evals: list[
         if model_card:
             from .model_card import write_model_cards
 
-            report["model_cards"] = write_model_cards(report)
+            report["model_cards"] = write_model_cards(report, publisher_table)
         (art.path / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         (art.path / "report.md").write_text(render_markdown(report))
         plot(report, art.path / "report.png")
@@ -201,18 +201,123 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def mean_kl(row: dict[str, Any]) -> float | None:
+    """Mean KL to the reference, averaged over the eval sets (None where a set has none)."""
+    kls = [s.get("kl") for s in (row.get("sets") or {}).values()]
+    return sum(kls) / len(kls) if kls and None not in kls else None
+
+
+def accuracy_columns(report: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(column title, row -> result dict or None): each benchmark, or the MC sets standing in."""
+    if report.get("benchmarks"):
+        return [(b["title"], lambda r, k=b["name"]: (r.get("benchmarks") or {}).get(k)) for b in report["benchmarks"]]
+    return [(f"MC {m}", lambda r, k=m: (r.get("mc") or {}).get(k)) for m in report["mc_sets"]]
+
+
+def publisher_table(report: dict[str, Any]) -> list[str]:
+    """The one table publishers print for fp16 / 8-bit / 4-bit: size, memory, accuracy and its change
+    against the reference (percentage points), perplexity, mean KL."""
+    cols = accuracy_columns(report)
+    ref = next(r for r in report["artifacts"] if r["role"] == "reference")
+    head = ["artifact", "format", "size on disk", "memory loaded"]
+    for title, _ in cols:
+        head += [title, "Δ"]
+    head += ["PPL", "mean KL"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["artifacts"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r.get('format', r['kind'])} | {_fmt_bytes(r['size_bytes'])} | "
+                         f"skipped: {r['error']} |" + " |" * (len(head) - 4))
+            continue
+        cells = [r["name"], r.get("format", r["kind"]), _fmt_bytes(r["size_bytes"]), _fmt_bytes(r["memory_bytes"])]
+        for _, get in cols:
+            res, base = get(r), get(ref)
+            cells.append(f"{100 * res['accuracy']:.1f}%" if res else "skipped")
+            cells.append("—" if r is ref else f"{100 * (res['accuracy'] - base['accuracy']):+.1f} pt"
+                         if res and base else "n/a")
+        ppl, kl = mean_ppl(r), mean_kl(r)
+        cells.append(f"{ppl:.2f}" if ppl else "n/a")
+        cells.append("—" if r is ref else f"{kl:.4g}" if kl is not None else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _pm(x: dict[str, float], scale: float = 1.0, fmt: str = ".4f", unit: str = "") -> str:
+    return f"{scale * x['value']:{fmt}}{unit} ± {scale * x['stderr']:{fmt}}{unit}"
+
+
+def divergence_table(report: dict[str, Any]) -> list[str]:
+    """llama-perplexity's --kl-divergence summary per artifact, over every eval set's tokens."""
+    rows = [r for r in report["artifacts"] if r.get("divergence")]
+    if not rows:
+        return []
+    head = ["artifact", "tokens", "mean KL", "median", "p90", "p95", "p99", "p99.9", "max KL",
+            "same top p", "RMS Δp", "ln(PPL(Q)/PPL(base))"]
+    lines = ["", "## Divergence from the reference (as llama-perplexity --kl-divergence reports it)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        d, k = r["divergence"], r["divergence"]["kl"]
+        lines.append("| " + " | ".join([
+            r["name"], str(d["tokens"]), f"{k['mean']:.6f} ± {k['stderr']:.6f}",
+            *(f"{k[q]:.6f}" for q in ("median", "p90", "p95", "p99", "p99_9", "max")),
+            _pm(d["same_top_p"], 100, ".2f", "%"), _pm(d["rms_dp"], 100, ".3f", "%"),
+            _pm(d["ln_ppl_ratio"], 1, ".6f")]) + " |")
+    lines += ["", "Per token of the eval sets against the reference on the same tokens: KL of the next-token "
+              "distributions; same top p: share of positions where both pick the same most likely token (± binomial "
+              "standard error); RMS Δp: root mean square of the change in the probability given to the correct next "
+              "token; ln(PPL(Q)/PPL(base)): the mean change in its negative log-probability."]
+    return lines
+
+
+def benchmark_sections(report: dict[str, Any]) -> list[str]:
+    """How each benchmark was run, and accuracy per subject (artifacts as columns)."""
+    lines: list[str] = []
+    done = [r for r in report["artifacts"] if "error" not in r]
+    for b in report.get("benchmarks") or []:
+        got = [r for r in done if b["name"] in (r.get("benchmarks") or {})]
+        lines += ["", f"## {b['title']}", "",
+                  f"`{b['path']}`: {b['subjects']} subjects, {b['questions']} questions"
+                  + (f" (at most {b['limit']} per subject)" if b.get("limit") else "")
+                  + f", {b['shots']}-shot; the overall accuracy is the mean over questions "
+                  f"(mean over subjects in report.json as macro_accuracy)."]
+        for r in got:
+            res = r["benchmarks"][b["name"]]
+            if res["shortened"] or res["truncated"]:
+                lines.append(f"- {r['name']}: {res['shortened']} prompts with fewer shots to fit the context"
+                             + (f", {res['truncated']} cut to the context even with none" if res["truncated"] else ""))
+        if not got:
+            continue
+        subjects = list(got[0]["benchmarks"][b["name"]]["subjects"])
+        lines += ["", "<details><summary>accuracy per subject</summary>", "",
+                  "| subject | questions | " + " | ".join(r["name"] for r in got) + " |",
+                  "|" + "---|" * (len(got) + 2)]
+        for sub in subjects:
+            per = [r["benchmarks"][b["name"]]["subjects"][sub] for r in got]
+            lines.append(f"| {sub.replace('_', ' ')} | {per[0]['questions']} | "
+                         + " | ".join(f"{100 * x['accuracy']:.1f}%" for x in per) + " |")
+        lines += ["", "</details>"]
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     sets, mcs = report["eval_sets"], report["mc_sets"]
     ref = next(r for r in report["artifacts"] if r["role"] == "reference")
     head = ["artifact", "format", "runtime", "size", "bits/weight", "memory",
             *(f"ppl {s}" for s in sets), "KL", "top-1", *(f"MC {m}" for m in mcs), "tokens/s"]
     lines = ["# xquant report\n", f"Reference: `{report['reference']}` ({report['parameters']:,} parameters)\n",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             *publisher_table(report), "",
+             "Accuracy: first-token prediction over A/B/C/D" + (
+                 f", {report['benchmarks'][0]['shots']}-shot on the benchmarks' scored split"
+                 if report.get("benchmarks") else " on the bundled multiple-choice set (no --benchmark given)")
+             + "; Δ: change against the reference in percentage points. PPL: geometric mean of the eval sets' "
+             "perplexities. Memory loaded: resident memory the runtime added while loading and evaluating.",
+             *divergence_table(report), *benchmark_sections(report),
+             "", "## Details", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["artifacts"]:
         if "error" in r:
             lines.append(f"| {r['name']} | {r['kind']} | skipped: {r['error']} |" + " |" * (len(head) - 3))
             continue
-        cells = [r["name"], r["kind"], r["engine"], _fmt_bytes(r["size_bytes"]),
+        cells = [r["name"], r.get("format", r["kind"]), r["engine"], _fmt_bytes(r["size_bytes"]),
                  f"{r['bits_per_weight']:.2f}", _fmt_bytes(r["memory_bytes"])]
         for s in sets:
             row = r["sets"][s]
@@ -249,6 +354,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                 x = r["made_by"]["experts"]
                 lines.append(f"  experts by round-to-nearest: {x['rtn']} of {x['total']} "
                              f"(fewer than {x['min_tokens']} calibration tokens routed to them)")
+    for card in report.get("model_cards") or []:
+        lines.append(f"\n- model card {card['path']}: " + ("written" if card["written"] else f"not written: {card['note']}"))
     return "\n".join(lines) + "\n"
 
 
@@ -258,10 +365,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for r in report["artifacts"]:
-        if "error" in r:
-            continue
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
+    done = [r for r in report["artifacts"] if "error" not in r]
+    for r in done:
         x, y = r["size_bytes"] / 2**20, mean_ppl(r)
         ax.scatter([x], [y], s=60, marker="*" if r["role"] == "reference" else "o")
         ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
@@ -269,6 +375,28 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("perplexity (geometric mean over eval sets)")
     ax.set_title("size vs perplexity")
     ax.grid(True, alpha=0.3)
+    if report.get("benchmarks"):  # one series per benchmark; the reference starred
+        for title, get in accuracy_columns(report):
+            pts = [(r["size_bytes"] / 2**20, 100 * get(r)["accuracy"], r) for r in done if get(r)]
+            ax2.plot([p[0] for p in sorted(pts, key=lambda p: p[0])],
+                     [p[1] for p in sorted(pts, key=lambda p: p[0])], marker="o", label=title)
+            for x, y, r in pts:
+                if r["role"] == "reference":
+                    ax2.scatter([x], [y], s=120, marker="*", color="black", zorder=3)
+        ax2.set_ylabel("benchmark accuracy (%)")
+        ax2.set_title("size vs benchmark accuracy")
+        ax2.legend(fontsize=8)
+    else:
+        for r in done:
+            x, y = r["size_bytes"] / 2**20, mean_kl(r)
+            if y is None or r["role"] == "reference":
+                continue
+            ax2.scatter([x], [y], s=60)
+            ax2.annotate(r["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax2.set_ylabel("mean KL to the reference")
+        ax2.set_title("size vs KL divergence")
+    ax2.set_xlabel("size on disk (MiB)")
+    ax2.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

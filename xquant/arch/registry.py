@@ -195,6 +195,6 @@ def for_config(config: dict, source: str = "config.json") -> Architecture:
                and (arch.experts is None or arch.experts.count in config)]
     if matches:
         return next((a for a in matches if a.is_moe), matches[0])
-    supported = sorted(a for arch in _registry().values() for a in arch.hf_architectures)
+    supported = sorted({a for arch in _registry().values() for a in arch.hf_architectures})
     got = ", ".join(names) if names else f"model_type '{config.get('model_type')}'"
     raise UnsupportedError(f"{source}: unsupported architecture {got} (supported: {', '.join(supported)})")

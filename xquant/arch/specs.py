@@ -74,8 +74,8 @@ class ExpertsSpec:
     """`[experts]`: a mixture of experts' routed experts, one Linear weight each on disk ("{i}" =
     layer, "{e}" = expert); `count` / `used` are the config keys holding the number of experts
     and how many each token is routed to; `width` the key of one expert's feed-forward width and
-    `shared` the key of the number of always-on shared experts (for `inspect`; None: the config
-    has no such key)."""
+    `shared_count` the key of the number of always-on shared experts (for `inspect`; None: the
+    config has no such key)."""
 
     count: str
     used: str
@@ -83,7 +83,7 @@ class ExpertsSpec:
     up: str
     down: str
     width: str | None = None
-    shared: str | None = None
+    shared_count: str | None = None
 
     @property
     def roles(self) -> dict[str, str]:

@@ -16,12 +16,14 @@ class ConvertOptions(Options):
     max_shard_size: str = opt("5GB", "Largest output shard (e.g. 5GB, 500MB).", check=size_text)
     context: int | None = opt(None, "Meta input: max_position_embeddings (params.json does not state it; "
                                     "default: the release's).", check=positive)
+    allow_nonfinite: bool = opt(False, "Pass NaN/inf weights through instead of refusing them (recorded in the "
+                                       "manifest).")
 
 
 def _plan(inputs, o: ConvertOptions, mode: str):
     from ..convert import plan_convert
 
-    return plan_convert(inputs["src"], inputs["out"], o.dtype, o.max_shard_size, o.context)
+    return plan_convert(inputs["src"], inputs["out"], o.dtype, o.max_shard_size, o.context, o.allow_nonfinite)
 
 
 CONVERT = command(Command(

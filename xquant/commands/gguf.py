@@ -29,6 +29,8 @@ class GGUFOptions(Options):
     split_max_size: str | None = opt(None, "Split into files of at most this size (e.g. 50G), named as "
                                            "llama.cpp's gguf-split.", check=size_text)
     threads: int | None = opt(None, "Threads for quantizing (default: all).", check=positive, fingerprint=False)
+    allow_nonfinite: bool = opt(False, "Pass NaN/inf weights through instead of refusing them (recorded in the "
+                                       "manifest).")
 
     def check(self) -> None:
         if self.calibration and self.imatrix:
@@ -41,7 +43,7 @@ def _plan(inputs, o: GGUFOptions, mode: str):
     from ..gguf import plan_gguf
 
     return plan_gguf(inputs["model"], inputs["out"], o.outtype, o.calibration, o.split_max_size, o.imatrix_chunks,
-                     o.imatrix, o.save_imatrix, o.threads)
+                     o.imatrix, o.save_imatrix, o.threads, o.allow_nonfinite)
 
 
 def _show(result) -> None:

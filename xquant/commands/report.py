@@ -54,6 +54,7 @@ class ReportPlan:
     out: Path
     options: ReportOptions
     kinds: dict[Path, str] = field(default_factory=dict)
+    benchmarks: list[dict[str, Any]] = field(default_factory=list)  # read and checked when planned
 
     @property
     def title(self) -> str:
@@ -88,8 +89,8 @@ class ReportPlan:
                 "multiple choice": ", ".join(map(str, o.mc)) if o.mc else
                 ("none" if o.benchmark and o.mc is None else "bundled bilingual set"),
                 "tokens per set": o.max_tokens,
-                "benchmarks": (", ".join(o.benchmark) + f" ({o.shots}-shot"
-                               + (f", {o.limit} per subject)" if o.limit else ")")) if o.benchmark else "none",
+                "benchmarks": ", ".join(f"{b['title']} {b['questions']} questions in {b['subjects']} subjects"
+                                        for b in self.benchmarks) + f" ({o.shots}-shot)" if self.benchmarks else "none",
                 "estimated peak memory": f"{human_bytes(self.peak_memory_estimate())} (one artifact at a time)"}
 
     def to_json(self) -> dict[str, Any]:
@@ -100,8 +101,11 @@ def _plan(inputs, o: ReportOptions, mode: str) -> ReportPlan:
     from ..evaluate.runtimes import detect_kind
 
     reference, artifacts = Path(inputs["reference"]), [Path(a) for a in inputs["artifacts"]]
+    from ..report import _benchmark_jobs
+
     kinds = {p: detect_kind(p) for p in [reference, *artifacts]}
-    return ReportPlan(reference, artifacts, Path(inputs["out"]), o, kinds)
+    benchmarks = _benchmark_jobs(list(o.benchmark or ()), o.limit)  # a malformed file fails here, --dry-run too
+    return ReportPlan(reference, artifacts, Path(inputs["out"]), o, kinds, benchmarks)
 
 
 def _run(plan: ReportPlan, force: bool, resume: bool) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from ..pipeline import Plan
 
 
 def plan_convert(src: Path, out: Path, dtype: str | None = None, max_shard_size: str = "5GB",
-                 context: int | None = None) -> Plan:
+                 context: int | None = None, allow_nonfinite: bool = False) -> Plan:
     """Plan a conversion; the input kind is detected (Meta params.json or HF config.json).
 
     `context` sets max_position_embeddings for Meta inputs, whose params.json does not state it
@@ -23,11 +23,11 @@ def plan_convert(src: Path, out: Path, dtype: str | None = None, max_shard_size:
 
         if context is not None:
             raise UnsupportedError("--context applies to Meta checkpoints; an HF config.json already states it")
-        return plan_hf_copy(Path(src), Path(out), dtype, size)
+        return plan_hf_copy(Path(src), Path(out), dtype, size, allow_nonfinite)
     if kind == "meta":
         from .meta import plan_meta_to_hf
 
         if context is not None and context < 1:
             raise UnsupportedError(f"--context {context}: must be a positive number of tokens")
-        return plan_meta_to_hf(Path(src), Path(out), dtype, size, context)
+        return plan_meta_to_hf(Path(src), Path(out), dtype, size, context, allow_nonfinite)
     raise InputError(f"{src}: GGUF files cannot be converted back to Hugging Face format")

@@ -101,14 +101,17 @@ class _Transformers(Runtime):
 
     def _loadable(self, path: Path) -> Path:
         """A directory transformers can load: for architectures that ship as remote code but share
-        another class's math (the registry's `transformers_as`), a view of the same files with
-        that class named in config.json."""
+        another class's math, or that xquant implements itself (the registry's `transformers_as`,
+        its module imported so the class is registered), a view of the same files with that class
+        named in config.json (and no `auto_map` to the remote code)."""
         from ..arch import for_config
 
         config = json.loads((path / "config.json").read_text())
         alias = for_config(config, str(path / "config.json")).transformers_as
         if alias is None:
             return path
+        alias.register()
+        config.pop("auto_map", None)
         import tempfile
 
         self._tmp = tempfile.TemporaryDirectory(prefix="xquant-as-")
@@ -177,9 +180,10 @@ def nf4_cpu_fallback(model):
 class GPTQRuntime(_Transformers):
     """transformers + optimum + gptqmodel when installed, else xquant's exact dequantized reference.
 
-    A mixture of experts is loaded by GPTQModel itself: transformers 5 fuses the routed experts
-    into 3-D parameters, so its GPTQ loader finds no module for the per-expert quantized tensors
-    and would leave the experts uninitialised; GPTQModel unfuses them into per-expert Linears."""
+    A mixture of experts that transformers 5 fuses (Qwen2-MoE) is loaded by GPTQModel itself: its
+    routed experts are 3-D parameters, so transformers' GPTQ loader finds no module for the
+    per-expert quantized tensors and would leave the experts uninitialised; GPTQModel unfuses them
+    into per-expert Linears. XVERSE-MoE's class (xquant/models) has those Linears already."""
 
     engine = "transformers + optimum/gptqmodel"
 
@@ -191,7 +195,10 @@ class GPTQRuntime(_Transformers):
             return self._dequantized(auto)
         from ..arch import for_config
 
-        if for_config(json.loads((self.path / "config.json").read_text())).is_moe:
+        arch = for_config(json.loads((self.path / "config.json").read_text()))
+        # A class holding one nn.Linear per routed expert (xquant's own, `[quant] experts`) loads
+        # through transformers' GPTQ quantizer like a dense model.
+        if arch.is_moe and not arch.quant.experts:
             from gptqmodel import GPTQModel
 
             self.engine = "gptqmodel (GPTQModel.load, per-expert modules)"

@@ -246,6 +246,17 @@ def _fuse_experts(state: dict, layer, experts: _Experts, prefix: str, source: Pa
         state[f"{experts.module}.{pname}"] = fused
 
 
+def _per_expert_modules(layer, experts: _Experts, prefix: str) -> dict[str, list[str]] | None:
+    """role -> each expert's Linear module path inside the layer, when the layer class holds the
+    routed experts as one nn.Linear per expert named as on disk (XVERSE-MoE's, xquant/models);
+    None when they are fused (transformers 5's MoE classes)."""
+    local = {role: [n[len(prefix):] for n in names] for role, names in experts.checkpoint.items()}
+    params = set(layer.state_dict())
+    if not all(n in params for names in local.values() for n in names):
+        return None
+    return {role: [n.removesuffix(".weight") for n in names] for role, names in local.items()}
+
+
 def compute_imatrix(plan: "GGUFPlan", threads: int | None = None) -> Imatrix:
     """Run the calibration chunks through the reference model one decoder layer at a time and
     collect, for every linear layer, the squared inputs per column (for routed experts, per
@@ -255,7 +266,9 @@ def compute_imatrix(plan: "GGUFPlan", threads: int | None = None) -> Imatrix:
     embedding rows are looked up, each layer is built on the meta device from the architecture's
     own transformers classes and filled with its tensors, run over every chunk, then dropped."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..models import hf_config
 
     if threads:
         torch.set_num_threads(threads)
@@ -266,7 +279,7 @@ def compute_imatrix(plan: "GGUFPlan", threads: int | None = None) -> Imatrix:
     tokenizer = AutoTokenizer.from_pretrained(plan.src)
     chunks = calibration_chunks(tokenizer, plan.calibration, chunk_size, plan.imatrix_chunks)
     info(f"importance matrix: {len(chunks)} chunks of {chunk_size} tokens from '{plan.calibration}'")
-    config = AutoConfig.from_pretrained(plan.src)
+    config = hf_config(plan.src)  # an architecture xquant implements itself: its registered class
     config._attn_implementation = "eager"  # takes the explicit causal mask below as is
     config._experts_implementation = "eager"  # the plain per-expert loop: no grouped-matmul kernels
     with torch.device("meta"):
@@ -306,6 +319,12 @@ def compute_imatrix(plan: "GGUFPlan", threads: int | None = None) -> Imatrix:
                 sums[name][e] += (inp.to(torch.float64) ** 2).sum(dim=0)
                 counts[name][e] += rows.numel()
 
+    def record_expert(name: str, e: int, x: torch.Tensor) -> None:
+        """One routed expert's Linear input: only the tokens the router sent that expert."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        sums[name][e] += (x * x).sum(dim=0)
+        counts[name][e] += x.shape[0]
+
     def tensors_with_prefix(prefix: str) -> dict[str, torch.Tensor]:
         return {n[len(prefix):]: reader.get(n).to(torch.float32) for n in reader.names()
                 if n.startswith(prefix) and not n.endswith(("rotary_emb.inv_freq",))}
@@ -323,13 +342,22 @@ def compute_imatrix(plan: "GGUFPlan", threads: int | None = None) -> Imatrix:
                 layer = layer_cls(config, layer_idx=i)
             state = tensors_with_prefix(prefix)
             experts = _layer_experts(plan, i, prefix)
-            if experts is not None:
+            per_expert = _per_expert_modules(layer, experts, prefix) if experts is not None else None
+            if experts is not None and per_expert is None:
                 _fuse_experts(state, layer, experts, prefix, plan.src)
             layer.load_state_dict(state, strict=True, assign=True)
             del state
             hooks = [m.register_forward_pre_hook(lambda mod, args, n=names[prefix + local + ".weight"]: record(n, args[0]))
                      for local, m in layer.named_modules() if prefix + local + ".weight" in names]
-            if experts is not None:
+            if per_expert is not None:  # one Linear per expert: hooked directly, like llama-imatrix's MUL_MAT_ID
+                for role, modules in per_expert.items():
+                    name = experts.gguf[role]
+                    cols = layer.get_submodule(modules[0]).in_features
+                    sums.setdefault(name, torch.zeros(experts.count, cols, dtype=torch.float64))
+                    counts.setdefault(name, torch.zeros(experts.count, dtype=torch.int64))
+                    hooks += [layer.get_submodule(m).register_forward_pre_hook(
+                        lambda mod, args, n=name, e=e: record_expert(n, e, args[0])) for e, m in enumerate(modules)]
+            elif experts is not None:
                 hooks.append(layer.get_submodule(experts.module).register_forward_pre_hook(
                     lambda mod, args, kwargs, x=experts: record_experts(x, mod, args, kwargs), with_kwargs=True))
             for j, h in enumerate(hidden):

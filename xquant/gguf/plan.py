@@ -306,7 +306,7 @@ def check_shapes(tensors: list[GGUFTensor], config: dict[str, Any], vocab: Vocab
 def plan_gguf(src: Path, out: Path, outtype: str = "f16", calibration: str | None = None,
               split_max_size: str | int | None = None, imatrix_chunks: int = 64,
               imatrix: Path | None = None, save_imatrix: Path | None = None,
-              threads: int | None = None) -> GGUFPlan:
+              threads: int | None = None, allow_nonfinite: bool = False) -> GGUFPlan:
     """Plan converting a Hugging Face LLaMA-family directory to GGUF of the given type.
 
     The importance matrix comes from `calibration` (a bundled set name or a text path, run through
@@ -367,4 +367,4 @@ def plan_gguf(src: Path, out: Path, outtype: str = "f16", calibration: str | Non
                     Provenance("gguf", options, [src] + ([Path(imatrix)] if imatrix else [])), max_size,
                     calibration, imatrix_chunks if calibration else 0,
                     Path(imatrix) if imatrix else None, Path(save_imatrix) if save_imatrix else None, notes,
-                    threads)
+                    threads=threads, allow_nonfinite=allow_nonfinite)

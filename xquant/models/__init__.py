@@ -28,9 +28,12 @@ def hf_config(path: Path):
     """The transformers config of the checkpoint directory `path` (see `transformers_fields`)."""
     from transformers import AutoConfig
 
+    from ..arch import for_config
+
     source = Path(path) / "config.json"
-    fields = transformers_fields(json.loads(source.read_text()), str(source))
-    model_type = fields.pop("model_type", None)
-    if model_type is None:
+    config = json.loads(source.read_text())
+    if for_config(config, str(source)).transformers_as is None:
         return AutoConfig.from_pretrained(path)
-    return AutoConfig.for_model(model_type, **{k: v for k, v in fields.items() if k != "auto_map"})
+    fields = transformers_fields(config, str(source))
+    fields.pop("auto_map", None)
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)

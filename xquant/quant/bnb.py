@@ -88,6 +88,12 @@ def linear_modules(model: HFModel) -> list[str]:
             if name not in reader:
                 raise InputError(f"{model.path}: tensor '{name}' ({role} of layer {i}) is missing")
             names.append(name)
+        if arch.quant.experts:  # routed experts held as one nn.Linear each by the model class
+            for e, triple in enumerate(zip(*arch.expert_tensors(i, model.config).values())):
+                for name in triple:
+                    if name not in reader:
+                        raise InputError(f"{model.path}: tensor '{name}' (routed expert {e} of layer {i}) is missing")
+                    names.append(name)
     head = arch.globals.get("lm_head")
     if head and head in reader:
         names.append(head)
@@ -330,7 +336,10 @@ def _build(model: HFModel, out: Path, command: str, quantized: list[str], kept: 
              *notes]
     if dropped:
         notes.append(f"dropped {len(dropped)} non-persistent buffers ({DROPPED_SUFFIXES[0]})")
-    if arch.is_moe:  # mixture of experts: see converters/<arch>.toml, [quant] and [experts]
+    if arch.is_moe and arch.quant.experts:  # xquant's own class (xquant/models): experts are nn.Linear
+        notes.append(f"routed experts quantized like the other linears (one nn.Linear each in the model class); "
+                     f"router kept in {dtype_name(dtype)} (a plain parameter there)")
+    elif arch.is_moe:  # mixture of experts: see converters/<arch>.toml, [quant] and [experts]
         notes.append(f"routed experts and router kept in {dtype_name(dtype)}: transformers holds them as "
                      f"parameters, not nn.Linear, so bitsandbytes does not quantize them")
     return Plan(

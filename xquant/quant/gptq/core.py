@@ -35,6 +35,9 @@ from ...errors import XQuantError
 
 BITS = (2, 3, 4, 8)
 FP16_TINY = 2.0 ** -24  # the smallest positive float16: every scale must survive the fp16 cast
+# Up to this many input features a layer is quantized on one CPU thread (see _single_thread): a
+# 2048-column inverse Cholesky takes about a second on one core, so extra threads gain little.
+SMALL_COLUMNS = 2048
 
 
 class HessianError(XQuantError):
@@ -119,10 +122,13 @@ def _fp16(x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _single_thread(device: torch.device) -> Iterator[None]:
-    """The column loop is thousands of tiny tensor ops: on CPU, waking other threads for each one
-    costs more than it saves (10x slower on a busy 2-core machine), so run it on one."""
-    if device.type != "cpu":
+def _single_thread(device: torch.device, small: bool = True) -> Iterator[None]:
+    """The column loop is thousands of tiny tensor ops, and a small layer's factorisations and
+    block updates are short: on CPU, waking other threads for each costs more than it saves
+    (10x slower on a busy 2-core machine: a 768-column inverse Cholesky took 0.6 s on two threads,
+    0.05 s on one), so run them on one. Wide layers keep every thread: their O(n³) factorisations
+    are long enough to gain from them."""
+    if device.type != "cpu" or not small:
         yield
         return
     before = torch.get_num_threads()
@@ -133,22 +139,22 @@ def _single_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, dequantized values) of one column with per-row scale and zero."""
-    q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
-    return q, scale * (q - zero)
-
-
 def inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹, escalating λ until it exists.
 
     The damping starts at `damp` and doubles while the factorisation fails, up to 1 (the
     Hessian then weighs no more than the identity it is blended with). Raises HessianError
-    naming the layer when even that fails, or when H holds NaN/inf. H's diagonal is
-    overwritten (the caller's working copy; no identity matrix is allocated for the damping).
+    naming the layer when even that fails, or when H holds NaN/inf.
+
+    H is consumed (the caller's working copy): the factor is returned in H's own storage, as a
+    column-major view, so a down_proj-sized H (28672² float32 = 3.3 GB at 70B) is never held
+    three times as it was with a new tensor per step. One second buffer is needed: the first
+    factorisation reads the damped H into it, and H itself must survive a failed attempt to be
+    damped again. The inverse and the second factorisation then run in place in that buffer
+    (LAPACK's potri/potrf; the same calls on the same column-major data as out-of-place, so the
+    same bits), which is copied back into H.
     """
-    if not bool(torch.isfinite(H).all()):
+    if not _all_finite(H):
         raise HessianError(f"{name}: the Hessian has NaN/inf entries (the calibration activations "
                            f"reaching this layer overflowed or are not finite)")
     diag = H.diagonal()
@@ -157,21 +163,51 @@ def inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Ten
         raise HessianError(f"{name}: the Hessian's mean diagonal is {mean_diag:g}, not positive "
                            f"(no calibration signal reaches this layer)")
     original = diag.clone()
+    work = torch.empty_like(H).mT  # column-major, as linalg returns its factors
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     lam = damp
     while True:
         torch.add(original, lam * mean_diag, out=diag)
-        L, info = torch.linalg.cholesky_ex(H)
+        torch.linalg.cholesky_ex(H, out=(work, info))
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
+            torch.cholesky_inverse(work, out=work)
+            torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
+            if int(info) == 0 and _all_finite(work):
+                U = H.mT
+                U.copy_(work)  # same layout: a plain copy
                 return U, lam
         if lam >= 1.0:
             raise HessianError(f"{name}: the Hessian is not positive definite even with damping "
                                f"{lam:g} (started at {damp:g}); the layer's calibration inputs are degenerate")
         lam = min(1.0, lam * 2)
+
+
+def _all_finite(M: torch.Tensor, rows: int = 1024) -> bool:
+    """torch.isfinite(M).all() a block of rows at a time (the mask of a whole H is 0.8 GB at 70B)."""
+    return all(bool(torch.isfinite(M[r:r + rows]).all()) for r in range(0, M.shape[0], rows))
+
+
+def _permute_symmetric_(H: torch.Tensor, perm: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """H.index_select(0, perm).index_select(1, perm), in place: the columns a block of rows at a
+    time, then the rows along the cycles of the permutation (one row held aside per cycle)."""
+    for r in range(0, H.shape[0], rows):
+        H[r:r + rows] = H[r:r + rows].index_select(1, perm)
+    order = perm.tolist()
+    done = [False] * len(order)
+    for start, first in enumerate(order):
+        if done[start] or first == start:
+            continue
+        held = H[start].clone()
+        i = start
+        while True:  # row i of the result is row order[i] of the source
+            done[i] = True
+            j = order[i]
+            if j == start:
+                H[i] = held
+                break
+            H[i] = H[j]
+            i = j
+    return H
 
 
 def column_order(diag: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -196,7 +232,8 @@ def column_order(diag: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return (inside + start)[groups].reshape(-1)
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, name: str = "weight") -> QuantizedWeight:
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, name: str = "weight",
+                  owned: bool = False) -> QuantizedWeight:
     """Quantize W [out, in] given H [in, in] = 2XXᵀ of its calibration inputs.
 
     Group parameters are chosen when a group's first column comes up, from the columns as
@@ -207,6 +244,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, name: str =
     column order, so g_idx stays monotone (kernels then need no reordering). With the plain or
     the group-aware order, each run of the permuted order is one original group, so the group of
     position c is that of its original column and g_idx is i // group_size.
+
+    `owned`: the caller hands W and H over (it drops them after the call), so they are worked on in
+    place rather than copied: at 70B widths a down_proj H is 3.3 GB. W in a 16-bit dtype is converted
+    to float32 either way (a copy of its own).
     """
     if spec.bits not in BITS:
         raise XQuantError(f"{name}: {spec.bits}-bit GPTQ is not supported (choose one of {BITS})")
@@ -217,8 +258,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, name: str =
     if cols % width:
         raise XQuantError(f"{name}: group size {width} does not divide {cols} input features")
     maxq = spec.maxq
-    W = W.detach().to(torch.float32).clone()
-    H = H.detach().to(torch.float32).clone()
+    W = W.detach().to(torch.float32, copy=not owned)
+    H = H.detach().to(torch.float32, copy=not owned)
 
     # Inputs that never fired carry no information: fix their Hessian row, and the weights
     # they multiply cannot matter to the output, so zero them.
@@ -237,56 +278,76 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, name: str =
     runs = spec.desc_act and static is None
     if not bool((perm == torch.arange(cols, device=perm.device)).all()):
         W = W[:, perm]
-        H = H.index_select(0, perm).index_select(1, perm)
+        H = _permute_symmetric_(H, perm)  # in place: no second and third H
 
-    U, used_damp = inverse_cholesky(H, spec.damp, name)
-    del H
+    with _single_thread(W.device, small=cols <= SMALL_COLUMNS):
+        U, used_damp = inverse_cholesky(H, spec.damp, name)
+        del H
+        codes, scales, zeros, loss = _quantize_columns(W, U, perm, static, runs, spec)
 
-    codes = torch.zeros((rows, cols), dtype=torch.float32, device=W.device)
-    deq = torch.zeros_like(W)
-    col_group = torch.empty(cols, dtype=torch.long, device=W.device)
+    # Group of each position: a run of the visiting order (act-order) or its column's own group.
+    col_group = (torch.arange(cols, device=W.device) if runs else perm) // width
+    inv = torch.argsort(perm)
+    g_idx = col_group[inv]
+    codes = codes[:, inv]
+    # The dequantized weight, elementwise the same float32 product the loop fed back.
+    weight = scales[g_idx].t() * (codes - zeros[g_idx].t())
+    return QuantizedWeight(codes=codes.to(torch.uint8).cpu(), scales=scales.to(torch.float16).cpu(),
+                           zeros=zeros.to(torch.int32).cpu(), g_idx=g_idx.to(torch.int32).cpu(), weight=weight.cpu(),
+                           damp=used_damp, loss=float(loss))
+
+
+def _quantize_columns(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, static, runs: bool, spec: QuantSpec):
+    """The column loop over W (already in visiting order) with U the upper Cholesky factor of H⁻¹.
+
+    Returns (codes [rows, cols] float32 in visiting order, scales and zeros [groups, rows] float32,
+    the loss). A block of columns is held transposed, so each column is one contiguous row, and
+    updated with one in-place op per step (rank-1 `addr_` on the columns after it); the loss
+    and the dequantized values are computed afterwards from the block's errors and codes.
+    """
+    rows, cols = W.shape
+    width, maxq = spec.group_width(cols), spec.maxq
+    n_groups = cols // width
+    codes = torch.empty((rows, cols), dtype=torch.float32, device=W.device)
     scales = torch.zeros((n_groups, rows), dtype=torch.float32, device=W.device)
     zeros = torch.zeros((n_groups, rows), dtype=torch.float32, device=W.device)
     if static is not None:
         for g, (s, z) in enumerate(static):
             scales[g], zeros[g] = s, z
     loss = torch.zeros((), dtype=torch.float64, device=W.device)
-
     block = width * max(1, -(-spec.block_size // width)) if width < cols else spec.block_size
     perm_list = perm.tolist()
     scale = zero = None
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
-        Wb = W[:, b0:b1].clone()
-        Ub = U[b0:b1, b0:b1]
-        Eb = torch.zeros_like(Wb)
-        with _single_thread(W.device):
-            for j in range(b1 - b0):
-                c = b0 + j  # position in the (possibly permuted) order
+        n = b1 - b0
+        Wt = W[:, b0:b1].t().contiguous()  # [n, rows]: row j is column b0 + j
+        Ut = U[b0:b1, b0:b1]
+        Qt = torch.empty_like(Wt)
+        Et = torch.empty_like(Wt)
+        for j in range(n):
+            c = b0 + j  # position in the visiting order
+            if static is not None:
                 g = c // width if runs else perm_list[c] // width
-                if static is not None:
-                    scale, zero = scales[g], zeros[g]
-                elif c % width == 0:  # a group's first column (its columns are the next `width`)
-                    scale, zero = find_params(Wb[:, j:j + width], spec)
-                    scales[g], zeros[g] = scale, zero
-                col_group[c] = g
-                w = Wb[:, j]
-                q, dq = quantize_column(w, scale, zero, maxq)
-                codes[:, c], deq[:, c] = q, dq
-                d = Ub[j, j]
-                err = (w - dq) / d
-                loss += ((w - dq) ** 2).sum() / (2 * d * d)  # stays a tensor: no device sync per column
-                Wb[:, j:] -= err[:, None] * Ub[j, j:][None, :]
-                Eb[:, j] = err
-        W[:, b1:] -= Eb @ U[b0:b1, b1:]
-
-    inv = torch.argsort(perm)
-    g_idx = col_group[inv].to(torch.int32)
-    codes = codes[:, inv].to(torch.uint8)
-    weight = deq[:, inv]
-    return QuantizedWeight(codes=codes.cpu(), scales=scales.to(torch.float16).cpu(),
-                           zeros=zeros.to(torch.int32).cpu(), g_idx=g_idx.cpu(), weight=weight.cpu(),
-                           damp=used_damp, loss=float(loss))
+                scale, zero = scales[g], zeros[g]
+            elif c % width == 0:  # a group's first column: its columns are the next `width`
+                g = c // width if runs else perm_list[c] // width
+                scale, zero = find_params(Wt[j:j + width].t(), spec)
+                scales[g], zeros[g] = scale, zero
+            w, q, e = Wt[j], Qt[j], Et[j]
+            torch.div(w, scale, out=q)
+            q.round_().add_(zero).clamp_(0, maxq)
+            torch.sub(q, zero, out=e)
+            e.mul_(scale)  # the dequantized column
+            torch.sub(w, e, out=e)
+            e.div_(Ut[j, j])  # (w - q) / [H⁻¹]_jj: the OBS error, spread over the later columns
+            if j + 1 < n:
+                Wt[j + 1:].addr_(Ut[j, j + 1:], e, alpha=-1)
+        codes[:, b0:b1] = Qt.t()
+        loss += Et.double().square().sum() / 2  # Σ (w - q)² / [H⁻¹]_jj², halved
+        if b1 < cols:
+            W[:, b1:].addmm_(Et.t(), U[b0:b1, b1:], alpha=-1)
+    return codes, scales, zeros, loss
 
 
 def rtn_quantize(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:

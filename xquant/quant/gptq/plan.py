@@ -244,22 +244,39 @@ class GPTQPlan(Plan):
 
 def _memory_estimate(model: HFModel, arch, o: GPTQOptions, act_dtype: torch.dtype, layer_bytes: int,
                      expert_shape: tuple[int, int] | None = None) -> int:
-    """Activations twice (a layer's inputs and outputs), the layer in float32, the largest
-    Hessian with its factorisations, and one batch of working tensors. A mixture of experts
-    holds one Hessian per routed expert of a group at once ([ffn, hidden] of an expert)."""
-    cfg = model.config
+    """The peak of one decoder layer's walk, whatever the depth (measured against this in
+    bench/gptq_shapes.py). Resident throughout: the base, the activations entering and leaving
+    the layer, and the layer itself, which the walker keeps compact (walker.StoredLinear): the
+    linears not yet quantized in the checkpoint's dtype, the others as packed codes. On top of
+    that, while linear [out, in] is quantized, the largest of
+      - its Hessians' collection: the group's Hessians, the linear's float32 weight and one
+        batch of MLP activations;
+      - the inverse Cholesky: H and its one factorisation buffer (2 · in² float32; the core
+        permutes and factorises H in place) and W in float32;
+      - the end of gptq_quantize: H (now holding the factor) and five [out, in] float32 tensors
+        (the permuted weight, the codes, and the temporaries of the dequantized product).
+    A mixture of experts holds one Hessian per routed expert of a group at once."""
+    cfg, reader = model.config, model.tensors
     hidden = int(cfg["hidden_size"])
     widest = max(hidden, int(cfg.get("intermediate_size") or hidden))
     experts = 0
     if expert_shape is not None:
-        count = arch.expert_count(cfg)
-        experts = count * max(expert_shape) ** 2 * 4
-    acts = o.samples * o.seq_len * hidden * torch.empty((), dtype=act_dtype).element_size()
-    itemsize = model.tensors.info(arch.layer_tensor(arch.linear_roles()[0], 0)).dtype.itemsize
-    layer_f32 = layer_bytes * 4 // itemsize
-    hessian = 4 * widest * widest * 4
-    batch = max(o.seq_len, BATCH_TOKENS) * widest * 4 * 4  # MLP gate, up, activation, product
-    return int(GPTQ_BASE_MEMORY + 2 * acts + layer_f32 + hessian + experts + batch)
+        experts = arch.expert_count(cfg) * max(expert_shape) ** 2 * 4
+    act_size = torch.empty((), dtype=act_dtype).element_size()
+    acts = o.samples * o.seq_len * hidden * act_size
+    tokens = min(o.samples * o.seq_len, max(o.seq_len, BATCH_TOKENS // o.seq_len * o.seq_len))
+    batch = tokens * widest * 4 * 4  # MLP gate, up, activation, product
+    shapes = [(reader.info(r.weight).shape, reader.info(r.weight).nbytes) for r in layer_linears(arch, reader, 0, cfg)]
+    codes_bytes = o.bits / 8 + (0 if 32 % o.bits == 0 else 1)  # qweight, and uint8 codes for 3 bits
+    resident = layer_bytes - sum(n for _, n in shapes)  # norms and the like
+    stored = [n for _, n in shapes]
+    work = 0
+    for k, ((out_f, in_f), nbytes) in enumerate(shapes):
+        layer_now = sum(out * inp * codes_bytes for (out, inp), _ in shapes[:k]) + sum(stored[k:])
+        h, w = in_f * in_f * 4, out_f * in_f * 4
+        step = max(h + w + batch, 2 * h + w, h + 5 * w)
+        work = max(work, layer_now + step)
+    return int(GPTQ_BASE_MEMORY + 2 * acts + resident + work + experts)
 
 
 def plan_gptq(src: Path, out: Path, options: GPTQOptions) -> GPTQPlan:

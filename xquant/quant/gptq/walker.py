@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from ...arch import Architecture
 from ...errors import ShapeError, UnsupportedError
 from ...io.dtypes import FLOAT_DTYPES
 from ...io.readers import TensorReader
-from .core import QuantSpec, gptq_quantize, rtn_quantize
+from .core import QuantizedWeight, QuantSpec, gptq_quantize, rtn_quantize
 from .moe import EXPERT_PREFIX, unfuse_experts
 from .pack import pack_linear
 
@@ -109,6 +110,76 @@ class LayerResult:
     tensors: dict[str, torch.Tensor]  # output name -> packed tensor (qweight/qzeros/scales/g_idx/bias)
     outputs: torch.Tensor  # the next layer's inputs
     stats: dict[str, Any] = field(default_factory=dict)
+
+
+class StoredLinear(nn.Module):
+    """A decoder layer's linear that stays compact between forwards: in the checkpoint's dtype
+    until it is quantized, then as its packed codes (the checkpoint's qweight; one byte per code for
+    3 bits, whose fields straddle words) with their scales and zeros. Each forward
+    makes the float32 weight, uses it and drops it, so one layer of a 70B model costs its bytes on
+    disk rather than twice that in float32, and only the linear being quantized is float32 for
+    long. The float32 weight is the same as a float32 Linear's (the exact cast, or the core's own
+    dequantization product, laid out with the core's strides), so the outputs are too."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.stored: torch.Tensor | None = weight
+        self.bias = bias
+        self.quantized: tuple | None = None  # (codes or qweight, bits, scales, zeros, g_idx, the core's strides)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.float_weight()
+
+    def float_weight(self, rows: int = 1024) -> torch.Tensor:
+        if self.quantized is None:
+            if self.stored is None:
+                raise RuntimeError("the weight was handed to the quantizer and not replaced")
+            return self.stored.to(torch.float32)
+        codes, bits, scales, zeros, g_idx, stride = self.quantized
+        shape = (self.out_features, self.in_features)
+        out = torch.empty_strided(shape, stride, dtype=torch.float32, device=scales.device)
+        g = g_idx.long()
+        for r in range(0, shape[0], rows):  # a block of rows at a time: no full-size temporaries
+            s, z = scales[g, r:r + rows].float().t(), zeros[g, r:r + rows].float().t()
+            torch.mul(s, _codes(codes, bits, r, r + rows) - z, out=out[r:r + rows])
+        return out
+
+    def take_weight(self) -> torch.Tensor:
+        """The stored weight, handed over (to the quantizer): the module keeps no reference."""
+        w, self.stored = self.stored, None
+        return w
+
+    def set_quantized(self, qw: QuantizedWeight, qweight: torch.Tensor, bits: int, device: torch.device) -> None:
+        """Keep the quantized weight as `qweight` (v1 packing: [in·bits/32, out] int32 words), or as
+        qw's codes for 3 bits; the float32 weight of later forwards is the core's `qw.weight`."""
+        self.stored = None
+        codes = qw.codes if 32 % bits else qweight
+        self.quantized = (codes.to(device), bits, qw.scales.to(device), qw.zeros.to(device), qw.g_idx.to(device),
+                          qw.weight.stride())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.float_weight(), self.bias)
+
+
+def _codes(codes: torch.Tensor, bits: int, r0: int, r1: int) -> torch.Tensor:
+    """Float codes of output rows r0..r1 [rows, in]: from uint8 codes, or unpacked from qweight
+    words (field k of a word holds bits k·bits..(k+1)·bits-1, see pack.py)."""
+    if codes.dtype == torch.uint8:
+        return codes[r0:r1].float()
+    words = codes[:, r0:r1]  # [in·bits/32, rows]
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
+    fields = (words[:, None, :] >> shifts[None, :, None]) & (2 ** bits - 1)  # [in·bits/32, 32/bits, rows]
+    return fields.reshape(-1, words.shape[1]).t().float()
+
+
+def _compact_linears(layer: nn.Module) -> None:
+    """Swap every nn.Linear of the layer for a StoredLinear holding the same tensors."""
+    for name, module in list(layer.named_modules()):
+        if type(module) is nn.Linear:
+            bias = None if module.bias is None else module.bias.data
+            layer.set_submodule(name, StoredLinear(module.weight.data, bias))
 
 
 class _Stop(Exception):
@@ -192,13 +263,15 @@ class LayerWalker:
     # ------------------------------------------------------------ one layer
 
     def load_layer(self, i: int) -> torch.nn.Module:
-        """Decoder layer i with its checkpoint tensors (float32) on the device."""
+        """Decoder layer i on the device: its linears as StoredLinear (weights in the checkpoint's
+        dtype, float32 only while used), every other tensor in float32."""
         head = f"{self.arch.layers_module}.{i}."
         names = [n for n in self.reader.names() if n.startswith(head) and not n.endswith(self._skip)]
         with torch.device("meta"):
             layer = self.layer_cls(self.config, i)
         unfuse_experts(layer, self.arch, self.config_dict, self.reader, i)  # MoE: per-expert Linears
         expected = set(layer.state_dict())
+        linear_weights = {f"{n}.weight" for n, m in layer.named_modules() if type(m) is nn.Linear}
         state = {}
         for name in names:
             key = name[len(head):]
@@ -207,7 +280,7 @@ class LayerWalker:
             t = self.reader.get(name)
             if t.dtype not in FLOAT_DTYPES:
                 raise ShapeError(f"{name}: dtype {t.dtype} is not floating point; is the model already quantized?")
-            state[key] = t.to(self.device, torch.float32)
+            state[key] = t.to(self.device) if key in linear_weights else t.to(self.device, torch.float32)
         missing = sorted(expected - set(state))
         if missing:
             raise ShapeError(f"{self.reader.root}: decoder layer {i} lacks '{head}{missing[0]}'")
@@ -216,6 +289,7 @@ class LayerWalker:
         except RuntimeError as e:
             raise ShapeError(f"{self.reader.root}: decoder layer {i} does not match config.json "
                              f"({str(e).splitlines()[-1].strip()})") from None
+        _compact_linears(layer)
         self.reader.release()
         return layer.eval()
 
@@ -290,22 +364,26 @@ class LayerWalker:
                     # routing, hence the count, is the same for both groups).
                     e["rtn"] = e["rtn"] or H is None or e["tokens"] < self.min_expert_tokens
                     if e["rtn"]:
-                        qw = rtn_quantize(module.weight.data, self.spec)
+                        qw = rtn_quantize(module.take_weight(), self.spec)
                         e["loss"] = None
                         H = None
                 if H is not None:
-                    qw = gptq_quantize(module.weight.data, H, self.spec, ref.weight)
+                    # The last linear using this H (q/k/v share one) hands it over: worked on in place.
+                    owned = all(h is not H for h in hessians.values())
+                    qw = gptq_quantize(module.take_weight(), H, self.spec, ref.weight, owned=owned)
                 del H
-                module.weight.data = qw.weight.to(self.device)
-                for suffix, t in pack_linear(qw, self.spec.bits).items():
+                packed = pack_linear(qw, self.spec.bits)
+                module.set_quantized(qw, packed["qweight"], self.spec.bits, self.device)
+                for suffix, t in packed.items():
                     tensors[f"{ref.prefix}.{suffix}"] = t
                 if ref.bias is not None:
-                    tensors[ref.bias] = module.bias.data.to("cpu", torch.float16)
+                    tensors[ref.bias] = module.bias.to("cpu", torch.float16)
                 if ref.expert is None:
                     stats["linears"][ref.role] = {"loss": round(qw.loss, 6), "damp": qw.damp,
                                                   "seconds": round(time.perf_counter() - t1, 3)}
                 elif experts[ref.expert]["loss"] is not None:
                     experts[ref.expert]["loss"] = round(experts[ref.expert]["loss"] + qw.loss, 6)
+                del qw
         if experts:
             # Per routed expert: calibration tokens routed to it, and whether it was rounded to nearest.
             stats["experts"] = [experts[e] for e in sorted(experts)]
