@@ -174,6 +174,10 @@ def test_report_over_xverse_artifacts(ggufs, xverse, tmp_path):
 
 def test_vocab_size_smaller_than_tokenizer_json_is_one_line_error(xverse, tmp_path):
     bad = tmp_path / "bad"
-    copy_model(xverse, bad, config_edit=lambda config: config.update(vocab_size=1999))
+    def shrink(tensors):  # embedding and output agree with vocab_size 1999; tokenizer.json still has 2000
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            tensors[name] = tensors[name][:1999].clone()
+
+    copy_model(xverse, bad, edit=shrink, config_edit=lambda config: config.update(vocab_size=1999))
     assert_one_line_error(run_cli("gguf", bad, tmp_path / "o.gguf", "--outtype", "f32"),
                           "config.json", "vocab_size 1999", "2000 tokens (tokenizer.json)")

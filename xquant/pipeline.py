@@ -86,6 +86,9 @@ class TensorJob:
     source: str = ""  # what it is made from, for the plan table
     # Set when the output bytes equal a range of an input file: copied in-kernel, never decoded.
     passthrough: tuple[Path, int] | None = None
+    # For a pass-through: a check of the source bytes (the NaN/inf scan over their mapping), run
+    # on the producer thread before the kernel copies them.
+    check: Callable[[], None] | None = None
 
 
 @dataclass
@@ -212,7 +215,12 @@ def _produced(plan: Plan, stop: threading.Event) -> Iterator[tuple[TensorJob, to
                     for r in plan.readers:
                         r.release()
                     current_group = job.group
-                tensor = None if job.passthrough is not None else job.produce()
+                if job.passthrough is not None:
+                    tensor = None
+                    if job.check is not None:
+                        job.check()
+                else:
+                    tensor = job.produce()
                 if not put((job, tensor)):
                     return
                 del tensor

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import UnsupportedError
 from ..io.dtypes import FLOAT_DTYPES, dtype_name, parse_dtype
-from ..io.finite import check_result
+from ..io.finite import check_finite, check_result
 from ..io.output import Provenance
 from ..io.writer import TensorSpec
 from ..model import open_hf
@@ -21,9 +21,9 @@ def cast_job(reader, name: str, dtype: torch.dtype | None, group: int | None, pl
     """A job copying one tensor, cast to dtype when it is floating point; NaN/inf refused unless
     `plan.allow_nonfinite`.
 
-    An unchanged tensor is copied file to file in the kernel only when NaN/inf are allowed: that
-    copy never reads the bytes, and the check must. Otherwise it is written from its mapping
-    (reader.view: no copy) once checked, which costs what the kernel copy would plus one scan.
+    An unchanged tensor is copied file to file in the kernel; its bytes are first scanned for
+    NaN/inf through the reader's mapping (no copy), on the producer thread, while the writer is
+    still busy with the previous tensor.
     """
     info = reader.info(name)
     out_dtype = dtype if (dtype is not None and info.dtype in FLOAT_DTYPES) else info.dtype
@@ -35,8 +35,13 @@ def cast_job(reader, name: str, dtype: torch.dtype | None, group: int | None, pl
         check_result(name, out, [(info.file, src)], plan.allow_nonfinite)
         return out
 
+    def scan() -> None:
+        if not plan.allow_nonfinite:
+            check_finite(name, reader.view(name), info.file)
+
+    through = reader.byte_range(name) if same else None
     return TensorJob(TensorSpec(name, info.shape, out_dtype), produce, group, source=dtype_name(info.dtype),
-                     passthrough=reader.byte_range(name) if same and plan.allow_nonfinite else None)
+                     passthrough=through, check=scan if through is not None else None)
 
 
 def plan_hf_copy(src: Path, out: Path, dtype: str | None, max_shard_size: int, allow_nonfinite: bool = False) -> Plan:
