@@ -1,4 +1,4 @@
-"""xquant gptq against GPTQModel, side by side: same model, same calibration windows, one decoder.
+"""xquant gptq against GPTQModel, side by side: same model, same calibration windows, one dequantizer.
 
 The model is the tests' quantization-sensitive tiny LLaMA (tests/gptq_fixtures.py: the trained
 tiny model with activation outlier channels, same function). Both tools get the very same

@@ -45,14 +45,16 @@ def layer_bytes(shape: str) -> int:
     return 2 * (2 * h * h + 2 * kv * h + 3 * h * f + 2 * h)
 
 
-def checkpoint(shape: str, layers: int = 1) -> Path:
-    """The cached checkpoint of `layers` decoder layers with `shape`'s widths (built on first use)."""
+def checkpoint(shape: str, layers: int = 1, seed: int = 0) -> Path:
+    """The cached checkpoint of `layers` decoder layers with `shape`'s widths (built on first use);
+    another seed gives other values of the same shapes (a stand-in delta for apply-delta)."""
     if shape not in SHAPES:
         raise SystemExit(f"unknown shape {shape!r} (known: {', '.join(SHAPES)})")
-    path = cache_root() / f"llama-{shape}-{layers}l-fp16"
+    path = cache_root() / f"llama-{shape}-{layers}l-fp16{f'-seed{seed}' if seed else ''}"
     if not (path / "config.json").exists():
         print(f"building {path} (once)", flush=True)
-        synthetic_llama(path, {**SHAPES[shape], "num_hidden_layers": layers}, max_shard_size=2_000_000_000)
+        synthetic_llama(path, {**SHAPES[shape], "num_hidden_layers": layers}, max_shard_size=2_000_000_000,
+                        seed=seed)
     for f in tiny.tokenizer_dir().iterdir():
         if not (path / f.name).exists():
             shutil.copy2(f, path / f.name)

@@ -122,7 +122,7 @@ def _block(q, cue):
 
 
 def expected_prompts(bench: str) -> list[tuple[str, str, str, list]]:
-    """(subject, header text, question, shots) in file order, as this test builds them."""
+    """(subject, question, dev examples offered as shots) in file order, as this test builds them."""
     out = []
     subjects = EN if bench == "mmlu" else ZH
     for subject, qs in sorted(subjects.items()):
@@ -352,6 +352,9 @@ def test_recipe_report_table_takes_the_same_keys(tmp_path):
     assert o.benchmark == ("ceval=/data/ceval", "mmlu=/data/mmlu") and o.kl_divergence and o.limit == 20
     with pytest.raises(UnsupportedError, match="unknown benchmark 'gsm8k'"):
         ReportOptions.from_table({"benchmark": ["gsm8k=/x"]}, "recipe: [report]")
+    # a relative directory is the recipe folder's, like every path in a recipe
+    o = ReportOptions.from_table({"benchmark": ["cmmlu=data/cmmlu"]}, "recipe: [report]", tmp_path)
+    assert o.benchmark == (f"cmmlu={(tmp_path / 'data' / 'cmmlu').resolve()}",)
 
 
 def test_malformed_benchmark_files_fail_before_evaluation(tiny_model, tmp_path):

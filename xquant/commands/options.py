@@ -22,15 +22,18 @@ _META = "xquant"
 
 def opt(default: Any, help: str, *, choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None,
         check: Callable[[Any], str | None] | None = None, flag: str | None = None,
-        fingerprint: bool = True, cli: bool = True) -> Any:
+        fingerprint: bool = True, cli: bool = True,
+        relative: Callable[[str, Path], str] | None = None) -> Any:
     """A dataclass field carrying what the CLI and the recipe need to know about an option.
 
     `check(value)` returns an error text (without the option's name) or None; `choices` may be a
     callable so registries are read only when checking; `flag` overrides the derived CLI flag
     (e.g. "--sym/--asym"); `fingerprint=False` for options that do not change the output
-    (threads); `cli=False` for options only a recipe or the library sets.
+    (threads); `cli=False` for options only a recipe or the library sets; `relative(value, base_dir)`
+    resolves the path inside a text value (NAME=DIR) against a recipe's folder, as Path options are.
     """
-    meta = {"help": help, "choices": choices, "check": check, "flag": flag, "fingerprint": fingerprint, "cli": cli}
+    meta = {"help": help, "choices": choices, "check": check, "flag": flag, "fingerprint": fingerprint, "cli": cli,
+            "relative": relative}
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for a sequence default (options are frozen)")
     return dataclasses.field(default=default, metadata={_META: meta})
@@ -51,6 +54,7 @@ class Spec:
     flag: str
     fingerprint: bool
     cli: bool
+    relative: Callable[[str, Path], str] | None = None
 
     @property
     def key(self) -> str:
@@ -95,7 +99,7 @@ class Options:
             base, optional, many = _unwrap(hints[f.name])
             out.append(Spec(f.name, base, optional, many, f.default, meta.get("help", ""), meta.get("choices"),
                             meta.get("check"), meta.get("flag") or "--" + f.name.replace("_", "-"),
-                            meta.get("fingerprint", True), meta.get("cli", True)))
+                            meta.get("fingerprint", True), meta.get("cli", True), meta.get("relative")))
         return out
 
     @classmethod
@@ -147,6 +151,11 @@ class Options:
                     value = _resolve(value, base_dir)
             if s.many and isinstance(value, (str, Path)):
                 value = (value,)
+            if s.relative is not None and base_dir is not None and value is not None:
+                items = value if isinstance(value, (list, tuple)) else [value]
+                if all(isinstance(v, str) for v in items):
+                    items = [s.relative(v, base_dir) for v in items]
+                    value = items if isinstance(value, (list, tuple)) else items[0]
             problem = _type_problem(s, tuple(value) if isinstance(value, list) else value)
             if problem:
                 raise UnsupportedError(f"{where}: {key} = {value!r}: {problem}")

@@ -11,6 +11,15 @@ from . import Command, Input, command
 from .options import Options, at_least, opt, positive
 
 
+def _benchmark_dir(value: str, base_dir: Path) -> str:
+    """A recipe's NAME=DIR with DIR taken from the recipe's folder, like its other paths."""
+    name, sep, directory = value.partition("=")
+    if not sep or not directory:
+        return value  # the check names what is wrong
+    path = Path(directory).expanduser()
+    return f"{name}={path if path.is_absolute() else (base_dir / path).resolve()}"
+
+
 def _benchmark_spec(values: tuple[str, ...]) -> str | None:
     """Each value is NAME=DIR with a known benchmark NAME (the directory is read when the report starts)."""
     from ..evaluate.benchmarks import known
@@ -36,7 +45,8 @@ class ReportOptions(Options):
                                             "(default: the bundled bilingual set).")
     max_tokens: int = opt(8192, "Tokens per eval set.", check=at_least(16))
     benchmark: tuple[str, ...] | None = opt(None, "NAME=DIR of a downloaded benchmark in its official layout "
-                                                  "(ceval, cmmlu, mmlu); repeatable.", check=_benchmark_spec)
+                                                  "(ceval, cmmlu, mmlu); repeatable.", check=_benchmark_spec,
+                                            relative=_benchmark_dir)
     shots: int = opt(5, "Dev examples with answers before each benchmark question.", check=at_least(0))
     limit: int | None = opt(None, "Scored questions per benchmark subject (default: all).", check=positive)
     kl_divergence: bool = opt(False, "The full divergence summary as llama-perplexity's --kl-divergence prints it "
