@@ -94,14 +94,15 @@ def test_walker_runs_the_moe_layer_as_transformers_does(moe, tmp_path, norm_topk
     from transformers import AutoModelForCausalLM
 
     from xquant.model import open_hf
-    from xquant.quant.gptq.walker import LayerWalker
+    from xquant.quant.gptq.walker import LayerWalker, StoredLinear
 
     src = _variant(moe, tmp_path / "v", norm_topk_prob=norm_topk_prob)
     model = open_hf(src)
     walker = LayerWalker(model.config, model.arch, model.tensors, core.QuantSpec())
     ids = torch.randint(3, 2000, (2, 64), generator=torch.Generator().manual_seed(0))
     layer = walker.load_layer(0)
-    assert all(type(layer.get_submodule(f"mlp.experts.{e}.down_proj")) is torch.nn.Linear for e in range(EXPERTS))
+    # Each expert's linear is its own module (the walker keeps it compact: StoredLinear).
+    assert all(type(layer.get_submodule(f"mlp.experts.{e}.down_proj")) is StoredLinear for e in range(EXPERTS))
     out = torch.empty((2, 64, 256))
     with torch.inference_mode():
         walker.forward_all(layer, walker.embed(ids), out)

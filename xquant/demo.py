@@ -50,6 +50,7 @@ calibration = "mixed"
 [report]
 eval = ["zh", "en", "code"]
 max_tokens = 2048
+kl_divergence = true            # llama-perplexity's statistics per artifact
 """
 
 
