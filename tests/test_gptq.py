@@ -296,7 +296,7 @@ def test_optimum_engine_side_by_side(sensitive, tmp_path, eval_ids, fp32_ppl):
     ours = gptq(sensitive, tmp_path / "xquant", GPTQOptions(**opts))
     theirs = gptq(sensitive, tmp_path / "optimum", GPTQOptions(**opts, engine="optimum"))
     config = json.loads((theirs.out / "config.json").read_text())["quantization_config"]
-    assert config["format"] == "gptq" and config["act_group_aware"] is False
+    assert config["format"] == "gptq" and config["act_group_aware"] is True  # the same order as xquant's default
     ppl = {}
     for engine, result in (("xquant", ours), ("optimum", theirs)):
         reference = load_dequantized(result.out)

@@ -78,7 +78,7 @@ class _OptimumRun(Executable):
         groups = [[arch.layer_tensor(r, 0)[len(head):].removesuffix(".weight") for r in g] for g in arch.sequential]
         quantizer = GPTQQuantizer(
             bits=o.bits, dataset=dataset, group_size=o.group_size, damp_percent=o.damp, desc_act=o.desc_act,
-            act_group_aware=False, sym=o.sym, true_sequential=o.true_sequential, model_seqlen=o.seq_len,
+            act_group_aware=o.group_aware, sym=o.sym, true_sequential=o.true_sequential, model_seqlen=o.seq_len,
             block_name_to_quantize=arch.layers_module, modules_in_block_to_quantize=groups,
         )
         quantizer.quantize_model(model, load_tokenizer(plan.model))
