@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from meta_fixtures import extended_sentencepiece  # noqa: E402
 
-from xquant import tiny  # noqa: E402
+from xquant.demo import tiny  # noqa: E402
 from xquant.convert.meta_export import export_meta  # noqa: E402
 from xquant.io.readers import open_hf_tensors, open_meta_tensors  # noqa: E402
 

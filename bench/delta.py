@@ -14,7 +14,7 @@ import subprocess
 
 from common import LLAMA_1B, OUT, Run, Timed, dir_bytes, gib, measure, measure_xquant, print_against_cp, synthetic_llama
 
-from xquant.delta.fixture import derivative_dir
+from xquant.demo.derivative import derivative_dir
 from xquant.io.readers import open_hf_tensors
 
 

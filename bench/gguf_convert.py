@@ -17,7 +17,7 @@ import sys
 
 from common import OUT, Run, dir_bytes, gib, measure, synthetic_llama, xquant_cmd
 
-from xquant import tiny
+from xquant.demo import tiny
 from xquant.io.readers import open_hf_tensors
 
 

@@ -21,7 +21,7 @@ import subprocess
 
 from common import LLAMA_1B, OUT, gib, measure, synthetic_llama, xquant_cmd
 
-from xquant import tiny
+from xquant.demo import tiny
 from xquant.io.readers import open_hf_tensors
 
 LAYERS = int(os.environ.get("XQUANT_BENCH_GPTQ_LAYERS", "2"))

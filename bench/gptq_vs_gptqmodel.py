@@ -90,7 +90,7 @@ class Scorer:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from xquant import tiny
+        from xquant.demo import tiny
         from xquant.evaluate.perplexity import windows as split
 
         tok = tiny.load_tokenizer(src)

@@ -7,7 +7,7 @@ embedding and head), built tensor by tensor once and cached under $XQUANT_CACHE/
 the whole model costs, and a figure that differs between 1 and 2 layers grows with depth.
 
 The tokenizer is the tiny test model's SentencePiece model (2,000 pieces, built once by
-xquant.tiny): its ids are valid rows of a 32,000-row embedding, GPTQ tokenizes calibration text
+xquant.demo.tiny): its ids are valid rows of a 32,000-row embedding, GPTQ tokenizes calibration text
 with it, and the GGUF writer pads a SentencePiece vocabulary to the embedding's rows with unused
 [PADn] tokens (xquant/gguf/vocab.py), so no 32,000-piece model has to be trained.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from common import synthetic_llama
 
-from xquant import tiny
+from xquant.demo import tiny
 
 SHAPES = {
     "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,

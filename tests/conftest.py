@@ -32,7 +32,7 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """The tiny trained LlamaForCausalLM (fp32), built once per cache."""
-    from xquant import tiny
+    from xquant.demo import tiny
 
     path = tiny.model_dir()
     ppl = tiny.eval_perplexity(path)
@@ -42,7 +42,7 @@ def tiny_model() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> Path:
-    from xquant import tiny
+    from xquant.demo import tiny
 
     return tiny.tokenizer_dir()
 
@@ -76,7 +76,7 @@ def tiny_derivative() -> Path:
     """
     import json
 
-    from xquant.delta.fixture import derivative_dir
+    from xquant.demo.derivative import derivative_dir
 
     path = derivative_dir()
     built = json.loads((path / "xquant-tiny.json").read_text())

@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from xquant import tiny
+from xquant.demo import tiny
 from xquant.console import info
 
 

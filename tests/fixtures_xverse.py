@@ -16,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from xquant import tiny
+from xquant.demo import tiny
 
 XVERSE_TOKENIZER_CONFIG = {
     "tokenizer_class": "PreTrainedTokenizerFast",

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from helpers import write_safetensors
-from xquant import tiny
+from xquant.demo import tiny
 from xquant.io.readers import open_hf_tensors
 
 SIGMA, OUTLIERS, MAGNITUDE, SEED = 1.0, 4, 16.0, 7

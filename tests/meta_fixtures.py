@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
-from xquant import tiny
+from xquant.demo import tiny
 
 EXTENDED_VOCAB = 32256  # > 32,000 and divisible by the 4 model-parallel shards
 APPENDED = 256  # corpus-derived pieces placed last: ids 32,000 .. 32,255

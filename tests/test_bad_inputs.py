@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, run_cli
-from xquant import tiny
+from xquant.demo import tiny
 
 TINY_LAYERS = tiny.SPEC.num_layers
 Q0 = "model.layers.0.self_attn.q_proj.weight"

@@ -39,7 +39,7 @@ MODES = {
 
 
 def _perplexity(model, tiny_path: Path) -> float:
-    from xquant import tiny
+    from xquant.demo import tiny
     from xquant.evaluate.perplexity import hf_logits_fn, perplexity
 
     ids = tiny.encode_set(tiny.load_tokenizer(tiny_path), "mixed", "eval")[:EVAL_TOKENS]
@@ -49,7 +49,7 @@ def _perplexity(model, tiny_path: Path) -> float:
 @pytest.fixture(scope="module")
 def tiny_path() -> Path:
     """The tiny trained model (conftest's `tiny_model` would also evaluate all 24k held-out tokens)."""
-    from xquant import tiny
+    from xquant.demo import tiny
 
     return tiny.model_dir()
 

@@ -18,7 +18,7 @@ import torch
 
 import meta_fixtures
 from conftest import assert_one_line_error, report, run_cli
-from xquant import tiny
+from xquant.demo import tiny
 from xquant.convert import plan_convert
 from xquant.convert.meta_export import export_meta
 from xquant.convert.tokenizer import probe_documents

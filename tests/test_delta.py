@@ -101,7 +101,7 @@ def test_fastchat_round_trip_is_bit_exact(base16, delta_fc, tiny_derivative, tmp
 
 
 def test_tokenizer_round_trips_eval_texts(base16, delta_fc, tiny_derivative, tmp_path):
-    from xquant import tiny
+    from xquant.demo import tiny
     from xquant.calib import load_set
 
     out = tmp_path / "out"

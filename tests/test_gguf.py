@@ -20,7 +20,7 @@ import torch
 
 from conftest import REPO, assert_one_line_error, report, run_cli
 from helpers import copy_model, write_safetensors
-from xquant import tiny
+from xquant.demo import tiny
 from xquant.calib import load_set
 from xquant.evaluate.perplexity import nll_sum, windows
 from xquant.io.hashing import sha256_file

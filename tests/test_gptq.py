@@ -20,7 +20,7 @@ import torch
 from conftest import assert_one_line_error, report, run_cli
 from gptq_fixtures import outlier_model_dir
 from helpers import kill_after_gptq_layer, write_safetensors
-from xquant import tiny
+from xquant.demo import tiny
 from xquant.evaluate.gptq_reference import load_dequantized
 from xquant.evaluate.perplexity import hf_logits_fn, perplexity
 from xquant.io.output import MANIFEST_NAME

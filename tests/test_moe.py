@@ -31,7 +31,7 @@ MODES = {
 
 @pytest.fixture(scope="module")
 def ids(moe) -> list[int]:
-    from xquant import tiny
+    from xquant.demo import tiny
     from xquant.calib import load_set
 
     tok = tiny.load_tokenizer(moe)

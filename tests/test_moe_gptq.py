@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from conftest import assert_one_line_error, report, run_cli
 from helpers import hf_logits
-from xquant import tiny
+from xquant.demo import tiny
 from xquant.evaluate.gptq_reference import load_dequantized
 from xquant.io.output import MANIFEST_NAME
 from xquant.quant.gptq import GPTQOptions, core, gptq, pack

@@ -107,7 +107,7 @@ def test_quantizer_uses_the_imatrix_for_the_experts(files, moe):
     of experts that received tokens change; the file loads and predicts at least as well."""
     from transformers import AutoModelForCausalLM
 
-    from xquant import tiny
+    from xquant.demo import tiny
     from xquant.calib import load_set
 
     plain, weighted = _tensors(files["plain"]), _tensors(files["imatrix"])

@@ -114,7 +114,7 @@ def test_verify_passes_and_fails_by_tolerance(tiny_model, artifacts):
 
 
 def test_artifact_with_another_tokenizer_gets_no_kl(tiny_model, tmp_path):
-    from xquant import tiny
+    from xquant.demo import tiny
 
     other = tmp_path / "other-tokenizer"
     shutil.copytree(tiny_model, other)

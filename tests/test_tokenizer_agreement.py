@@ -14,7 +14,7 @@ the written tokenizer.json alone). Every generated string is encoded by:
 
 All must give the same ids, and transformers' decode of sentencepiece's ids must equal
 sentencepiece's decode. The one allowed difference: the expanded vocabulary (as
-xquant.delta.fixture expands, without single characters) holds pieces whose characters are not
+xquant.demo.derivative expands, without single characters) holds pieces whose characters are not
 pieces, which a merge list cannot build (`unreachable_pieces`; `xquant convert` warns about them);
 transformers may differ from sentencepiece only on strings whose sentencepiece ids use one, and the
 count is reported. String i comes from random.Random(f"{SEED}:{i}"), so a failure names the string,
@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from conftest import report
-from xquant import tiny
+from xquant.demo import tiny
 from xquant.convert import plan_convert
 from xquant.convert.meta_export import export_meta
 from xquant.convert.tokenizer import unreachable_pieces
@@ -122,7 +122,7 @@ def _label(i: int) -> str:
 
 def _vocabularies() -> dict[str, bytes]:
     """name -> SentencePiece model: tiny, 8,000 BPE pieces, and those expanded by Chinese pieces."""
-    from xquant.delta.fixture import expand_sentencepiece
+    from xquant.demo.derivative import expand_sentencepiece
 
     def build(tmp: Path) -> None:
         lines = tiny.corpus_lines("calib") + tiny.corpus_lines("eval")

@@ -107,14 +107,14 @@ def test_gguf_tokenizer_matches_tokenizer_json(ggufs, reference):
             want = tok(doc)["input_ids"]
             assert llm.tokenize(doc.encode(), add_bos=True, special=False) == want, (name, doc[:60])
             n_docs, n_ids = n_docs + 1, n_ids + len(want)
-    # The one difference: special tokens written in the text (special=True). llama.cpp adds the "▁"
-    # prefix to the text after each of them, as after the start of text; transformers' Metaspace
-    # (prepend_scheme "first") adds it only at the start.
+    # Special tokens written in the text (special=True): both add the "▁" prefix to the text after
+    # each of them, as after the start of text (the tokenizer.json xquant writes prepends it in a
+    # normalizer, as SentencePiece does, not in a pre-tokenizer that would add it only once).
     text = "数据 x=1\n\tdef f():  return 0xFF"
     plain = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.convert_ids_to_tokens(plain[0]) == "\u2581"
     assert llm.tokenize(f"<s>{text}</s>".encode(), add_bos=False, special=True) == [1, *plain, 2]
-    assert tok(f"<s>{text}</s>", add_special_tokens=False)["input_ids"] == [1, *plain[1:], 2]
+    assert tok(f"<s>{text}</s>", add_special_tokens=False)["input_ids"] == [1, *plain, 2]
     report(f"xverse gguf tokenizer: {n_docs} eval documents, {n_ids} ids, identical to tokenizer.json")
 
 

@@ -66,7 +66,7 @@ def fp32(view):
 
 @pytest.fixture(scope="module")
 def ids(xmoe) -> list[int]:
-    from xquant import tiny
+    from xquant.demo import tiny
     from xquant.calib import load_set
 
     return tiny.load_tokenizer(xmoe)(load_set("mixed", "eval").documents[0])["input_ids"][:256]
@@ -185,7 +185,7 @@ def test_gguf_is_deepseek_with_stacked_experts(gguf_files, xmoe):
 
 
 def test_gguf_tokenizes_like_transformers(gguf_files, xmoe):
-    from xquant import tiny
+    from xquant.demo import tiny
     from xquant.calib import load_set
     from xquant.evaluate.runtimes import GGUFRuntime
 
@@ -221,7 +221,7 @@ def test_imatrix_has_a_row_per_expert_from_its_routed_tokens(gguf_files, fp32):
         assert m.entries[f"blk.{i}.ffn_down_exps.weight"][0].shape == (EXPERTS, FFN)
         assert m.entries[f"blk.{i}.ffn_up_shexp.weight"][1] == tokens  # shared experts see every token
     # Layer 0's routing recomputed from the embeddings: the same count per expert.
-    from xquant import tiny
+    from xquant.demo import tiny
     from xquant.gguf.imatrix import calibration_chunks
 
     tok = tiny.load_tokenizer(Path(fp32.config._name_or_path))
@@ -350,7 +350,7 @@ def test_gptq_layout_and_round_to_nearest_count(gptq_dirs, xmoe):
 def test_gptq_beats_round_to_nearest_on_held_out_text(gptq_dirs, xmoe, view, fp32):
     from transformers import AutoModelForCausalLM
 
-    from xquant import tiny
+    from xquant.demo import tiny
     from xquant.calib import load_set
     from xquant.evaluate.gptq_reference import load_dequantized
     from xquant.quant.gptq import core

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .. import tiny
+from . import tiny
 from ..console import info
 
 

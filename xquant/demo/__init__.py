@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .console import info
+from ..console import info
 
 RECIPE = """\
 # The demo's recipe: what `xquant run` does with a real model, on the tiny one.
@@ -57,12 +57,12 @@ kl_divergence = true            # llama-perplexity's statistics per artifact
 def prepare_inputs(workdir: Path) -> None:
     """The publisher's side: a Meta-layout export and a delta, made once."""
     from . import tiny
-    from .convert import plan_convert
-    from .convert.meta_export import export_meta
-    from .delta import execute as execute_delta
-    from .delta import plan_make_delta
-    from .delta.fixture import derivative_dir
-    from .pipeline import execute
+    from ..convert import plan_convert
+    from ..convert.meta_export import export_meta
+    from ..delta import execute as execute_delta
+    from ..delta import plan_make_delta
+    from .derivative import derivative_dir
+    from ..pipeline import execute
 
     meta = workdir / "tiny-llama-meta"
     if not meta.exists():
@@ -79,7 +79,7 @@ def prepare_inputs(workdir: Path) -> None:
 
 def run_demo(workdir: Path) -> dict[str, Path]:
     """Prepare the inputs, write the recipe into `workdir`, run it; returns the outputs by step."""
-    from .recipe import load_recipe, plan_recipe, run_recipe
+    from ..recipe import load_recipe, plan_recipe, run_recipe
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +114,7 @@ def plan_demo(workdir: Path) -> DemoPlan:
     import tempfile
     import tomllib
 
-    from .recipe import plan_recipe
+    from ..recipe import plan_recipe
 
     workdir = workdir.resolve()
     with tempfile.TemporaryDirectory(prefix="xquant-demo-inputs-") as scratch:

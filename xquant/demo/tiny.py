@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .calib import BUNDLED, load_set
-from .console import info
-from .convert.tokenizer import save_hf_tokenizer as write_hf_tokenizer
-from .convert.tokenizer import release_tokenizer_config
-from .paths import cache_dir, data_dir
+from ..calib import BUNDLED, load_set
+from ..console import info
+from ..convert.tokenizer import save_hf_tokenizer as write_hf_tokenizer
+from ..convert.tokenizer import release_tokenizer_config
+from ..paths import cache_dir, data_dir
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class TinySpec:
 SPEC = TinySpec()
 # Part of the cache key: bump it whenever the way a fixture is built changes (not for edits that
 # leave the built files the same), so that every cache rebuilds.
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: tokenizer.json with the SentencePiece normalizer (issue 15)
 
 
 def _corpus_files() -> list[Path]:
@@ -252,7 +252,7 @@ def eval_perplexity(model_path: Path, set_name: str = "mixed", window: int | Non
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .evaluate.perplexity import hf_logits_fn, perplexity
+    from ..evaluate.perplexity import hf_logits_fn, perplexity
 
     tokenizer = load_tokenizer(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
