@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from common import synthetic_llama
@@ -45,16 +47,21 @@ def layer_bytes(shape: str) -> int:
     return 2 * (2 * h * h + 2 * kv * h + 3 * h * f + 2 * h)
 
 
+def _path(shape: str, layers: int, seed: int) -> Path:
+    return cache_root() / f"llama-{shape}-{layers}l-fp16{f'-seed{seed}' if seed else ''}"
+
+
 def checkpoint(shape: str, layers: int = 1, seed: int = 0) -> Path:
     """The cached checkpoint of `layers` decoder layers with `shape`'s widths (built on first use);
     another seed gives other values of the same shapes (a stand-in delta for apply-delta)."""
     if shape not in SHAPES:
         raise SystemExit(f"unknown shape {shape!r} (known: {', '.join(SHAPES)})")
-    path = cache_root() / f"llama-{shape}-{layers}l-fp16{f'-seed{seed}' if seed else ''}"
+    path = _path(shape, layers, seed)
     if not (path / "config.json").exists():
+        # In a child process: a benchmark's children inherit this process's peak RSS as the floor
+        # of their ru_maxrss, so the tensors written here must not pass through it.
         print(f"building {path} (once)", flush=True)
-        synthetic_llama(path, {**SHAPES[shape], "num_hidden_layers": layers}, max_shard_size=2_000_000_000,
-                        seed=seed)
+        subprocess.run([sys.executable, __file__, "--build", shape, str(layers), str(seed)], check=True)
     for f in tiny.tokenizer_dir().iterdir():
         if not (path / f.name).exists():
             shutil.copy2(f, path / f.name)
@@ -63,6 +70,12 @@ def checkpoint(shape: str, layers: int = 1, seed: int = 0) -> Path:
 
 if __name__ == "__main__":
     import argparse
+
+    if sys.argv[1:2] == ["--build"]:
+        shape, layers, seed = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+        synthetic_llama(_path(shape, layers, seed),
+                        {**SHAPES[shape], "num_hidden_layers": layers}, max_shard_size=2_000_000_000, seed=seed)
+        sys.exit(0)
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="7b", choices=sorted(SHAPES))
