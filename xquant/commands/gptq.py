@@ -1,11 +1,10 @@
 """`xquant gptq`: GPTQ 2/3/4/8-bit, one decoder layer at a time, in the GPTQ v1 checkpoint layout.
-
-The options are `GPTQOptions` (quant/gptq/plan.py), the seed of the typed-options shape."""
+Its options are GPTQOptions (gptq_options.py), which the planner and walker read too."""
 
 from __future__ import annotations
 
 from . import Command, Input, command
-from ..quant.gptq.plan import GPTQOptions
+from .gptq_options import GPTQOptions
 
 
 def _plan(inputs, o: GPTQOptions, mode: str):

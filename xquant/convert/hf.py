@@ -8,7 +8,7 @@ import torch
 
 from ..errors import UnsupportedError
 from ..io.dtypes import FLOAT_DTYPES, dtype_name, parse_dtype
-from ..io.finite import check_finite, check_result
+from ..io.finite import check_file_range, check_result
 from ..io.output import Provenance
 from ..io.writer import TensorSpec
 from ..model import open_hf
@@ -22,8 +22,8 @@ def cast_job(reader, name: str, dtype: torch.dtype | None, group: int | None, pl
     `plan.allow_nonfinite`.
 
     An unchanged tensor is copied file to file in the kernel; its bytes are first scanned for
-    NaN/inf through the reader's mapping (no copy), on the producer thread, while the writer is
-    still busy with the previous tensor.
+    NaN/inf on the producer thread (read in pieces into one reused buffer: no mapping, nothing held),
+    while the writer is still busy with the previous tensor.
     """
     info = reader.info(name)
     out_dtype = dtype if (dtype is not None and info.dtype in FLOAT_DTYPES) else info.dtype
@@ -35,11 +35,11 @@ def cast_job(reader, name: str, dtype: torch.dtype | None, group: int | None, pl
         check_result(name, out, [(info.file, src)], plan.allow_nonfinite)
         return out
 
-    def scan() -> None:
-        if not plan.allow_nonfinite:
-            check_finite(name, reader.view(name), info.file)
-
     through = reader.byte_range(name) if same else None
+
+    def scan() -> None:
+        check_file_range(name, through[0], through[1], info.nbytes, info.dtype, plan.allow_nonfinite)
+
     return TensorJob(TensorSpec(name, info.shape, out_dtype), produce, group, source=dtype_name(info.dtype),
                      passthrough=through, check=scan if through is not None else None)
 

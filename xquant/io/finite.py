@@ -71,3 +71,22 @@ def check_result(name: str, result: torch.Tensor, sources: Iterable[tuple[Path |
     raise NonFiniteError(f"{sources[0][0]}: tensor '{name}' has values beyond {dtype_name(result.dtype)}'s range "
                          f"(largest |value| {largest:.4g}, {dtype_name(result.dtype)} holds up to {limit:.4g}); "
                          f"choose another dtype (bfloat16 or float32)")
+
+
+def check_file_range(name: str, path: Path, offset: int, nbytes: int, dtype: torch.dtype, allow: bool = False) -> None:
+    """check_finite over tensor bytes that stay in a file (a pass-through copy), through a mapping of
+    just that range, unmapped at once: the scan reads the page cache in place (no copy) and its
+    pages do not stay resident in the process."""
+    if allow or dtype not in _SCANNED or nbytes == 0:
+        return
+    import mmap
+
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), nbytes + offset - start, prot=mmap.PROT_READ,
+                                          offset=start) as m:
+        item = torch.empty((), dtype=dtype).element_size()
+        t = torch.frombuffer(memoryview(m)[offset - start:], dtype=dtype, count=nbytes // item)
+        try:
+            check_finite(name, t, path)
+        finally:
+            del t

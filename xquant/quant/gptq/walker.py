@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ...arch import Architecture
+from ...commands.gptq_options import MIN_EXPERT_TOKENS  # the option's default, defined with the option
 from ...errors import ShapeError, UnsupportedError
 from ...io.dtypes import FLOAT_DTYPES
 from ...io.readers import TensorReader
@@ -39,7 +40,6 @@ LLAMA_CLASSES = {
     "rotary_embedding": "transformers.models.llama.modeling_llama.LlamaRotaryEmbedding",
 }
 BATCH_TOKENS = 4096  # tokens per forward batch: bounds the attention / MLP working memory
-MIN_EXPERT_TOKENS = 32  # default: routed experts that see fewer calibration tokens get round-to-nearest
 
 
 def _import(dotted: str):
