@@ -82,11 +82,18 @@ def check_file_range(name: str, path: Path, offset: int, nbytes: int, dtype: tor
     import mmap
 
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), nbytes + offset - start, prot=mmap.PROT_READ,
-                                          offset=start) as m:
-        item = torch.empty((), dtype=dtype).element_size()
-        t = torch.frombuffer(memoryview(m)[offset - start:], dtype=dtype, count=nbytes // item)
+    item = torch.empty((), dtype=dtype).element_size()
+    bad = None
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), nbytes + offset - start, access=mmap.ACCESS_COPY, offset=start)
         try:
-            check_finite(name, t, path)
-        finally:
+            view = memoryview(m)[offset - start: offset - start + nbytes]
+            t = torch.frombuffer(view, dtype=dtype, count=nbytes // item)
+            if not all_finite(t):
+                bad = t.clone()  # only on failure: to name the values once the mapping is gone
             del t
+            view.release()
+        finally:
+            m.close()
+    if bad is not None:
+        check_finite(name, bad, path)
