@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import UnsupportedError
@@ -104,7 +103,3 @@ def get(name: str) -> Command:
 def artifact_kinds() -> dict[str, Command]:
     """The commands a recipe's `[[artifact]]` can name (`kind = "..."`)."""
     return {n: c for n, c in _load().items() if c.artifact_name is not None}
-
-
-def as_path(value: Any) -> Path | None:
-    return None if value is None else Path(value)

@@ -56,10 +56,6 @@ class Spec:
     cli: bool
     relative: Callable[[str, Path], str] | None = None
 
-    @property
-    def key(self) -> str:
-        return self.name
-
     def allowed(self) -> list[Any] | None:
         c = self.choices
         return list(c() if callable(c) else c) if c is not None else None
@@ -175,9 +171,6 @@ class Options:
                 continue
             out[s.name] = _json(getattr(self, s.name))
         return out
-
-    def replace(self, **changes: Any) -> "Options":
-        return dataclasses.replace(self, **changes)
 
 
 def _resolve(value: str, base_dir: Path | None) -> Path:
