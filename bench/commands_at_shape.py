@@ -21,6 +21,7 @@ from common import gib, measure, xquant_cmd
 from shapes import FULL_LAYERS, SHAPES, cache_root, checkpoint
 
 COMMANDS = {
+    "convert copy": lambda src, out, delta: ["convert", src, out],
     "convert bf16": lambda src, out, delta: ["convert", src, out, "--dtype", "bfloat16"],
     "apply-delta": lambda src, out, delta: ["apply-delta", "--base", src, "--delta", delta, "--out", out],
     "int8": lambda src, out, delta: ["int8", src, out],

@@ -206,6 +206,34 @@ def test_walker_matches_transformers_and_fixture_is_the_same_function(sensitive,
         assert torch.allclose(_fp32(sensitive)(ids).logits, _fp32(tiny_model)(ids).logits, atol=1e-3)
 
 
+def test_narrow_layer_runs_on_one_thread_and_restores_the_count(sensitive):
+    """The tiny layers' forward passes are too short to share out (walker.run_layer): every hooked
+    forward of a narrow layer sees one thread, and the caller's count is back afterwards."""
+    from xquant.model import open_hf
+
+    model = open_hf(sensitive)
+    walker = LayerWalker(model.config, model.arch, model.tensors, core.QuantSpec())
+    seen = []
+    cls = walker.layer_cls
+    original = cls.forward
+
+    def forward(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(self, *args, **kwargs)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cls.forward = forward
+        ids = torch.randint(3, 2000, (2, 64), generator=torch.Generator().manual_seed(0))
+        walker.run_layer(0, walker.embed(ids))
+        assert torch.get_num_threads() == 2
+    finally:
+        cls.forward = original
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}, seen
+
+
 # ---------------------------------------------------------------- quantized models
 
 

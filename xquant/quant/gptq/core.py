@@ -35,7 +35,7 @@ from ...errors import XQuantError
 
 BITS = (2, 3, 4, 8)
 FP16_TINY = 2.0 ** -24  # the smallest positive float16: every scale must survive the fp16 cast
-# Up to this many input features a layer is quantized on one CPU thread (see _single_thread): a
+# Up to this many input features a layer is quantized on one CPU thread (see single_thread): a
 # 2048-column inverse Cholesky takes about a second on one core, so extra threads gain little.
 SMALL_COLUMNS = 2048
 
@@ -122,7 +122,7 @@ def _fp16(x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _single_thread(device: torch.device, small: bool = True) -> Iterator[None]:
+def single_thread(device: torch.device, small: bool = True) -> Iterator[None]:
     """The column loop is thousands of tiny tensor ops, and a small layer's factorisations and
     block updates are short: on CPU, waking other threads for each costs more than it saves
     (10x slower on a busy 2-core machine: a 768-column inverse Cholesky took 0.6 s on two threads,
@@ -280,7 +280,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, name: str =
         W = W[:, perm]
         H = _permute_symmetric_(H, perm)  # in place: no second and third H
 
-    with _single_thread(W.device, small=cols <= SMALL_COLUMNS):
+    with single_thread(W.device, small=cols <= SMALL_COLUMNS):
         U, used_damp = inverse_cholesky(H, spec.damp, name)
         del H
         codes, scales, zeros, loss = _quantize_columns(W, U, perm, static, runs, spec)
