@@ -148,6 +148,15 @@ def test_every_option_is_recorded_in_the_manifest(tiny_model, tmp_path):
     assert set(get("int8").options.keys()) <= set(dry["options"])
 
 
+def test_manifest_options_are_the_options_as_given(tiny_model, tmp_path):
+    """A manifest's `options` can be typed again: the values as given, not the planner's bytes."""
+    run_cli("convert", tiny_model, tmp_path / "c", "--max-shard-size", "3MB", check=True)
+    manifest = json.loads((tmp_path / "c" / "xquant-manifest.json").read_text())
+    assert set(manifest["options"]) == set(get("convert").options.keys())
+    assert manifest["options"]["max_shard_size"] == "3MB"
+    assert manifest["resolved"]["max_shard_size"] == 3_000_000
+
+
 def test_artifact_kinds_are_the_registered_commands():
     assert set(artifact_kinds()) == {"convert", "apply-delta", "int8", "nf4", "gptq", "gguf"}
 

@@ -90,8 +90,9 @@ def test_round_trip_is_exact(name, sources, exports, converted):
     assert got["max_position_embeddings"] == (2048 if src == "mha" else 4096)
     assert json.loads((out / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2}
     manifest = json.loads((out / MANIFEST_NAME).read_text())
-    assert manifest["options"]["source_format"] == "meta"
-    assert manifest["options"]["model_parallel_shards"] == shards
+    facts = {**manifest["options"], **manifest.get("resolved", {})}  # the CLI's options, then what the planner found
+    assert facts["source_format"] == "meta"
+    assert facts["model_parallel_shards"] == shards
     assert torch.equal(_logits(original), _logits(out))
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import UnsupportedError
+from ..io.output import jsonable
 from .options import Options
 
 # The modules that register commands, in the order `xquant --help` lists them.
@@ -61,11 +62,21 @@ class Command:
     resumable: bool = False  # has --resume
 
     def make_plan(self, inputs: dict[str, Any], options: Options, mode: str = RUN) -> Any:
-        """The plan, with every option recorded in its provenance (the manifest's `options`)."""
+        """The plan, with every option recorded in its provenance.
+
+        The manifest's `options` are exactly the command's options as given (the CLI's flags, a
+        recipe's keys), so they can be typed again to make the same artifact. What the planner
+        worked out from the inputs (a default dtype read from the config, the source format, a
+        size in bytes) and differs from them goes under `resolved`."""
         plan = self.plan(inputs, options, mode)
         prov = getattr(plan, "provenance", None)
         if prov is not None:
-            prov.options = {**options.record(), **prov.options}
+            asked = options.record()
+            resolved = {k: v for k, v in prov.options.items()
+                        if k not in asked or jsonable(v) != jsonable(asked[k])}
+            prov.options = asked
+            if resolved:
+                prov.extra["resolved"] = {**prov.extra.get("resolved", {}), **resolved}
         return plan
 
 

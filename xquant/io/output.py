@@ -109,13 +109,13 @@ class Provenance:
         return [{"path": str(p.resolve()), "size": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)]
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
@@ -132,11 +132,11 @@ def build_manifest(prov: Provenance, files: list[Path], root: Path,
     return {
         "xquant_version": __version__,
         "command": prov.command,
-        "options": _jsonable(prov.options),
+        "options": jsonable(prov.options),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "inputs": prov.input_records(),
         "outputs": outputs,
-        **_jsonable(prov.extra),
+        **jsonable(prov.extra),
     }
 
 
