@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,9 @@ from .calib import bundled_names
 from .console import info, progress
 from .errors import InputError
 from .evaluate.runtimes import detect_kind
-from .io.output import Provenance, atomic_dir, read_manifest
+from .io.output import Provenance, read_manifest
 from .paths import data_dir
+from .pipeline import Executable, Output, execute
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "report.schema.json"
 DEFAULT_EVAL = ("zh", "en", "code")
@@ -126,6 +128,69 @@ def _benchmark_jobs(specs: list[str], limit: int | None) -> list[dict[str, Any]]
     return jobs
 
 
+@dataclass
+class ReportRun(Executable):
+    """One report as an output of the executor (pipeline.execute): the output rules, the
+    temporary sibling, the manifest and the clean-up are the same as every other command's."""
+
+    reference: Path
+    artifacts: list[Path]
+    out: Path
+    kinds: dict[Path, str]
+    specs: list[dict[str, str]]
+    mc_paths: list[str]
+    bench_jobs: list[dict[str, Any]]
+    questions: int
+    params: int
+    settings: dict[str, Any]  # shots, kl_divergence, max_tokens, window, device
+    model_card: bool
+    provenance: Provenance
+    report: dict[str, Any] | None = None
+
+    def outputs(self) -> list[Output]:
+        return [Output(self.out, directory=True)]
+
+    def result(self) -> dict[str, Any]:
+        return self.report
+
+    def write(self, handles) -> None:
+        out = handles[0].path
+        rows: list[dict[str, Any]] = []
+        with tempfile.TemporaryDirectory() as tmp:
+            ref_dir = Path(tmp)
+            entries = [(self.reference, "reference"), *((a, "artifact") for a in self.artifacts)]
+            for i, (path, role) in enumerate(entries):
+                info(f"evaluating {path} ({self.kinds[path]})")
+                job = {"artifact": str(path), "role": role, "sets": self.specs, "mc": self.mc_paths,
+                       "benchmarks": self.bench_jobs, "ref_dir": str(ref_dir), **self.settings}
+                with progress(f"[{i + 1}/{len(entries)}] {path.name}: questions", total=self.questions) as advance:
+                    res = _run_worker(job, ref_dir, f"a{i}", advance)
+                if role == "reference" and "error" in res:
+                    raise InputError(f"{path}: the reference could not be evaluated ({res['error']})")
+                size = _disk_size(path)
+                made_by = _made_by(path)
+                rows.append({
+                    "name": path.name, "path": str(path.resolve()), "role": role, "kind": self.kinds[path],
+                    "format": format_label(path, self.kinds[path], made_by),
+                    "size_bytes": size, "bits_per_weight": size * 8 / self.params if self.params else None,
+                    "made_by": made_by, **res,
+                })
+        report = {"schema": "xquant-report/1", "xquant_version": __version__,
+                  "reference": str(self.reference.resolve()), "parameters": self.params,
+                  "eval_sets": [s["name"] for s in self.specs], "mc_sets": [Path(p).stem for p in self.mc_paths],
+                  "benchmarks": [{**b, "shots": self.settings["shots"], "overall": "mean over questions"}
+                                 for b in self.bench_jobs],
+                  "kl_divergence": self.settings["kl_divergence"], "artifacts": rows}
+        if self.model_card:
+            from .model_card import write_model_cards
+
+            report["model_cards"] = write_model_cards(report, publisher_table)
+        (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        (out / "report.md").write_text(render_markdown(report))
+        plot(report, out / "report.png")
+        self.report = report
+
+
 def build_report(reference: Path, artifacts: list[Path], out: Path, evals: list[str] | None = None,
                  mc: list[Path] | None = None, max_tokens: int = 8192, window: int = 2048,
                  device: str = "cpu", force: bool = False, benchmarks: list[str] | None = None,
@@ -134,10 +199,13 @@ def build_report(reference: Path, artifacts: list[Path], out: Path, evals: list[
     """Evaluate the reference and each artifact; write report.{json,md,png} into `out`.
 
     `benchmarks` are NAME=DIR specs (evaluate/benchmarks.py); without them the bundled
-    multiple-choice set stands in unless `mc` names files."""
+    multiple-choice set stands in unless `mc` names files. The manifest records the sha256 of
+    the reference and of every artifact evaluated (cached by path, size and time), so a published
+    table names the exact files behind it."""
     from .evaluate.mc import load_mc
 
     reference = Path(reference)
+    artifacts = [Path(a) for a in artifacts]
     kinds = {p: detect_kind(p) for p in [reference, *artifacts]}
     specs = _eval_specs(list(evals or DEFAULT_EVAL))
     bench_jobs = _benchmark_jobs(list(benchmarks or ()), limit)
@@ -145,45 +213,15 @@ def build_report(reference: Path, artifacts: list[Path], out: Path, evals: list[
     questions = sum(b["questions"] for b in bench_jobs)
     for p in mc_paths:  # fail early on a broken MC file, before any evaluation
         questions += len(load_mc(Path(p)))
-    params = _param_count(reference)
+    settings = {"shots": shots, "kl_divergence": kl_divergence, "max_tokens": max_tokens, "window": window,
+                "device": device}
     prov = Provenance("report", {"evals": [s["source"] for s in specs], "mc": mc_paths,
                                  "benchmarks": [f"{b['name']}={b['path']}" for b in bench_jobs], "shots": shots,
                                  "limit": limit, "kl_divergence": kl_divergence,
-                                 "max_tokens": max_tokens, "window": window}, [])
-    rows: list[dict[str, Any]] = []
-    with atomic_dir(out, prov, force=force) as art, tempfile.TemporaryDirectory() as tmp:
-        ref_dir = Path(tmp)
-        entries = [(reference, "reference"), *((a, "artifact") for a in artifacts)]
-        for i, (path, role) in enumerate(entries):
-            info(f"evaluating {path} ({kinds[path]})")
-            job = {"artifact": str(path), "role": role, "sets": specs, "mc": mc_paths,
-                   "benchmarks": bench_jobs, "shots": shots, "kl_divergence": kl_divergence,
-                   "max_tokens": max_tokens, "window": window, "ref_dir": str(ref_dir), "device": device}
-            with progress(f"[{i + 1}/{len(entries)}] {path.name}: questions", total=questions) as advance:
-                res = _run_worker(job, ref_dir, f"a{i}", advance)
-            if role == "reference" and "error" in res:
-                raise InputError(f"{path}: the reference could not be evaluated ({res['error']})")
-            size = _disk_size(path)
-            made_by = _made_by(path)
-            rows.append({
-                "name": path.name, "path": str(path.resolve()), "role": role, "kind": kinds[path],
-                "format": format_label(path, kinds[path], made_by),
-                "size_bytes": size, "bits_per_weight": size * 8 / params if params else None,
-                "made_by": made_by, **res,
-            })
-        report = {"schema": "xquant-report/1", "xquant_version": __version__, "reference": str(reference.resolve()),
-                  "parameters": params, "eval_sets": [s["name"] for s in specs],
-                  "mc_sets": [Path(p).stem for p in mc_paths],
-                  "benchmarks": [{**b, "shots": shots, "overall": "mean over questions"} for b in bench_jobs],
-                  "kl_divergence": kl_divergence, "artifacts": rows}
-        if model_card:
-            from .model_card import write_model_cards
-
-            report["model_cards"] = write_model_cards(report, publisher_table)
-        (art.path / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-        (art.path / "report.md").write_text(render_markdown(report))
-        plot(report, art.path / "report.png")
-    return report
+                                 "max_tokens": max_tokens, "window": window}, [reference, *artifacts])
+    run = ReportRun(reference, artifacts, Path(out), kinds, specs, mc_paths, bench_jobs, questions,
+                    _param_count(reference), settings, model_card, prov)
+    return execute(run, force=force)
 
 
 def mean_ppl(row: dict[str, Any]) -> float | None:
