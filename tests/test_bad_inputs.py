@@ -313,14 +313,19 @@ def test_nonfinite_weights(tiny_model, tmp_path, out_dir, case):
     refused([command[0], src, out, *command[1:]], src, out, "model.safetensors", f"'{name}'", *needles)
 
 
-def test_nonfinite_meta(meta_model, tmp_path, out_dir):
+@pytest.mark.parametrize("tensor, value, args", [
+    ("layers.2.feed_forward.w3.weight", math.nan, ["--dtype", "bfloat16"]),  # a cast: the result is scanned
+    ("layers.2.feed_forward.w3.weight", math.nan, []),  # same dtype: the reader's scan while checking the CRC
+    ("layers.1.attention.wq.weight", math.inf, []),  # rotary-reordered rows, same dtype
+], ids=["cast", "same-dtype", "rotary-inf"])
+def test_nonfinite_meta(meta_model, tmp_path, out_dir, tensor, value, args):
     src = shutil.copytree(meta_model, tmp_path / "meta")
     shard = src / "consolidated.00.pth"
     state = torch.load(shard, weights_only=True)
-    state["layers.2.feed_forward.w3.weight"][4, 4] = math.nan
+    state[tensor][4, 4] = value
     _save_state(shard, state)
-    refused(["convert", src, out_dir / "out", "--dtype", "bfloat16"], src, out_dir / "out",
-            "consolidated.00.pth", "'layers.2.feed_forward.w3.weight'", "NaN")
+    refused(["convert", src, out_dir / "out", *args], src, out_dir / "out",
+            "consolidated.00.pth", f"'{tensor}'", "NaN" if math.isnan(value) else "inf")
 
 
 

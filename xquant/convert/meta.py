@@ -27,7 +27,7 @@ from ..io.readers import TensorReader, meta_weight_files, open_meta_tensors
 from ..io.writer import TensorSpec
 from ..model import require_dir
 from ..pipeline import BASE_MEMORY, Plan, TensorJob
-from .meta_layout import MetaTensor, check_shards, meta_tensors, to_hf_rotary
+from .meta_layout import MetaTensor, check_shards, hf_rotary_into, meta_tensors, to_hf_rotary
 from .meta_params import MetaParams
 from .tokenizer import find_tokenizer, hf_tokenizer_files, read_sentencepiece
 
@@ -70,18 +70,27 @@ def _producer(reader: TensorReader, t: MetaTensor, files: list[Path], shape: tup
         out = torch.empty(shape, dtype=dtype)
         offset = 0
         for part in parts:
-            if t.rotary_heads:  # shards hold whole heads, so each slice is reordered on its own
-                part = to_hf_rotary(part, t.rotary_heads // n)
             size = part.shape[t.dim]
-            out.narrow(t.dim, offset, size).copy_(part)
+            place = out.narrow(t.dim, offset, size)
+            if t.rotary_heads:  # shards hold whole heads, so each slice is reordered on its own
+                hf_rotary_into(place, part, t.rotary_heads // n)
+            else:
+                place.copy_(part)
             offset += size
-            del part
         return out
 
     def produce() -> torch.Tensor:
-        parts = [reader.view(f"{i}/{t.meta_name}") for i in range(n)]  # views of the mappings: no copies
+        names = [f"{i}/{t.meta_name}" for i in range(n)]
+        parts = [reader.view(name) for name in names]  # views of the mappings: no copies
         out = combine(parts)
-        check_result(t.meta_name, out, zip(files, parts), allow_nonfinite())
+        # A result in its sources' dtype holds exactly their values, so when the reader's CRC pass
+        # already found every source finite (scanning each chunk while it had it in cache, on its
+        # own thread) a second full pass over the result would find nothing new. Otherwise (a
+        # cast may overflow; sources not scanned or not finite) the result is scanned here, and
+        # check_result names the source that holds NaN/inf, as always.
+        copied = all(p.dtype == out.dtype for p in parts)
+        if not (copied and all(reader.scanned_finite(name) for name in names)):
+            check_result(t.meta_name, out, zip(files, parts), allow_nonfinite())
         return out
 
     return produce

@@ -99,6 +99,14 @@ def to_hf_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, half, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def hf_rotary_into(out: torch.Tensor, w: torch.Tensor, heads: int) -> None:
+    """out[:] = to_hf_rotary(w, heads), as one strided copy (to_hf_rotary's reshape of the
+    transposed view would first make a reordered copy of w). out: rows of a contiguous output."""
+    rows, cols = w.shape
+    half = rows // heads // 2
+    out.view(heads, 2, half, cols).copy_(w.reshape(heads, half, 2, cols).transpose(1, 2))
+
+
 def to_meta_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
     """HF -> Meta row order; the exact inverse of `to_hf_rotary`."""
     rows, cols = w.shape

@@ -10,6 +10,7 @@ the result are the delta's. Every check of checks.py runs before the output dire
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,40 @@ def _job(p: Pair, base: TensorReader, delta: TensorReader, out_dtype: torch.dtyp
     same = p.whole and p.other.dtype == out_dtype
     return TensorJob(TensorSpec(p.name, p.other.shape, out_dtype), produce, p.group, _source(p),
                      passthrough=delta.byte_range(p.name) if same else None)
+
+
+class _VocabPool(BufferPool):
+    """Output buffers in two pools: one buffer for the vocabulary-sized tensors (embedding and
+    head, larger than any other), and a BufferPool of its usual three for the rest.
+
+    A single pool hands each tensor whichever buffer came back last, and which one that is depends
+    on how the producer and the writer threads happen to interleave: the head (the last tensor)
+    then landed in the embedding's buffer in some runs and, in others, in a buffer touched only to
+    a layer tensor's size, touching 130 MiB of fresh pages at the very moment the peak is made
+    (the head's two inputs are mapped too). Kept apart, the head always reuses the embedding's
+    pages and the peak no longer depends on thread timing.
+    """
+
+    def __init__(self, layer_bytes: int, vocab_bytes: int):
+        super().__init__(layer_bytes)
+        self.vocab = BufferPool(vocab_bytes, count=1)  # the embedding and the head are never in flight together
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if dtype.itemsize * math.prod(shape) > self.nbytes:
+            return self.vocab.empty(shape, dtype)
+        return super().empty(shape, dtype)
+
+    def recycle(self, tensor: torch.Tensor) -> None:
+        super().recycle(tensor)
+        self.vocab.recycle(tensor)
+
+
+def _output_pool(pairs: list[Pair], out_dtype: torch.dtype) -> BufferPool:
+    sizes = {vocab: max((p.other.numel * out_dtype.itemsize for p in pairs if p.vocab == vocab), default=0)
+             for vocab in (False, True)}
+    if sizes[True] <= sizes[False]:
+        return BufferPool(sizes[False])
+    return _VocabPool(sizes[False], sizes[True])
 
 
 def _inflight(p: Pair, out_dtype: torch.dtype) -> int:
@@ -152,7 +187,7 @@ def plan_apply_delta(base: Path, delta: Path, out: Path, dtype: str | None = Non
     config["dtype"] = dtype_name(out_dtype)
     config.pop("torch_dtype", None)
     size = parse_size(max_shard_size)
-    pool = BufferPool(max((p.other.numel * out_dtype.itemsize for p in pairs), default=0))
+    pool = _output_pool(pairs, out_dtype)
     plan = DeltaPlan(
         title=f"apply-delta {delta.name} + {base.name} -> {out.name}",
         out=out,
