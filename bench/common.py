@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -91,6 +92,10 @@ def measure(cmd: list[str], env: dict | None = None) -> Run:
     seconds = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"benchmark command failed: {' '.join(cmd)}")
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if usage.ru_maxrss <= own:  # the figure would be this process's peak, not the child's
+        print(f"warning: the peak RSS of {Path(cmd[0]).name} ... is floored by the benchmark's own "
+              f"{own / 2**20:.2f} GiB (build inputs in a child process)", flush=True)
     return Run(seconds, usage.ru_maxrss * 1024)
 
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import gguf
 import numpy as np
@@ -26,13 +28,13 @@ from gguf import GGMLQuantizationType as Q
 
 from ..console import info, progress
 from ..errors import DiskFullError, OutputError
-from ..io.finite import check_finite, check_result
+from ..io.finite import all_finite, cast_into, check_finite, check_result
 from ..io.hashing import FileHasher
 from ..io.output import ArtifactDir
+from ..io.pool import BufferPool, parallel_map, scratch
 from ..io.writer import copy_range
 from . import cquant
 from .metadata import KV, add_all, provenance_kv, source_digest
-from .outtypes import CHUNK_VALUES
 
 if TYPE_CHECKING:  # the plan calls into this module; no import back at run time
     from .plan import GGUFPlan, GGUFTensor
@@ -47,31 +49,86 @@ def reverse_rotary_permutation(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+# Values per encoding task: its float32 rows and q8_0's scratch (2 x 2 MiB) stay near the core,
+# and the ~25 torch calls a task makes (GIL held) are a small share of its time.
+TASK_VALUES = 512 * 2**10
+# Values per part handed to `done` (a few MiB of output: the write of one overlaps the next's making).
+SEGMENT_VALUES = 8 * 2**20
+_FLOATS = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+
+
 def encode(t: torch.Tensor, qtype: Q, threads: int | None = None) -> np.ndarray:
     """A tensor in GGUF's encoding of qtype, as a numpy array whose bytes are the file's bytes."""
-    if qtype == Q.F32:
-        return t.to(torch.float32).contiguous().numpy()
-    if qtype == Q.F16:
-        return t.to(torch.float16).contiguous().numpy()
-    if qtype == Q.BF16:  # round-to-nearest-even, as gguf-py's BF16 quantizer
-        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+    return encode_checked(t, qtype, threads)[0]
+
+
+def encode_checked(t: torch.Tensor, qtype: Q, threads: int | None = None, pool: BufferPool | None = None,
+                   done: Callable[[np.ndarray], None] | None = None) -> tuple[np.ndarray, bool]:
+    """`encode`, into a buffer of `pool` when given, with the NaN/inf scan done on the way: returns
+    the encoding and True when t is certainly finite (False: the caller scans t to say what is not).
+    `done`, when given, is called with consecutive parts of the encoding, in order, as each is
+    finished (quantized types: every SEGMENT_VALUES values), so that they can be written while
+    the next are made; the parts are views of the returned array.
+
+    Quantized types are made in tasks of a few rows on every core: each converts its rows to
+    float32 in a reused per-thread buffer (no fresh memory per chunk) and encodes them while they
+    are in cache, q8_0 by `cquant.q8_0_rows`, the other direct types by ggml's C rows (gguf-py's
+    where llama-cpp-python is absent). Float types are a cast (`cast_into`: round-to-nearest-even,
+    bit for bit torch's `.to()`, as gguf-py's BF16 quantizer)."""
+    def buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return pool.empty(shape, dtype) if pool is not None else torch.empty(shape, dtype=dtype)
+
+    if qtype in _FLOATS:
+        dtype = _FLOATS[qtype]
+        if t.dtype == dtype:
+            res, finite = t.contiguous(), all_finite(t)
+        else:
+            res = buffer(tuple(t.shape), dtype)
+            finite = cast_into(t, res, threads)
+        arr = (res.view(torch.int16) if dtype == torch.bfloat16 else res).numpy()
+        if done is not None:
+            done(arr)
+        return arr, finite
     cols = t.shape[-1]
     rows = t.numel() // cols
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
     flat = t.reshape(rows, cols)
-    out = np.empty((rows, cols // block * type_size), dtype=np.uint8)
-    step = max(1, CHUNK_VALUES // cols)
-    for r in range(0, rows, step):  # chunks bound the quantizer's float temporaries
-        chunk = flat[r: r + step].to(torch.float32).contiguous().numpy()
-        if not cquant.quantize(chunk, qtype, out[r: r + step], threads):  # ggml's C rows, else gguf-py's
-            out[r: r + step] = gguf.quants.quantize(chunk, qtype)
-    return out
+    out = buffer((rows, cols // block * type_size), torch.uint8)
+    step = max(1, TASK_VALUES // cols)
+    errors = np.geterr()
+
+    def task(r: int) -> bool:
+        n = min(step, rows - r)
+        x = scratch("encode", n * cols, torch.float32).view(n, cols)
+        x.copy_(flat[r: r + n])
+        dst = out[r: r + n]
+        if qtype == Q.Q8_0 and cquant.q8_0_rows(x, dst, scratch("q8_0", n * cols, torch.float32)):
+            return True
+        finite = all_finite(x)
+        rows_np, dst_np = x.numpy(), dst.numpy()
+        if not cquant.quantize(rows_np, qtype, dst_np, threads=1):  # ggml's C rows, else gguf-py's
+            with np.errstate(**errors):  # the caller's numpy error handling (it is per thread)
+                dst_np[:] = gguf.quants.quantize(rows_np, qtype)
+        return finite
+
+    finite = True
+    segment = max(1, SEGMENT_VALUES // (step * cols)) * step
+    for s in range(0, rows, segment):
+        e = min(rows, s + segment)
+        finite = all(parallel_map(task, range(s, e, step), threads)) and finite
+        if done is not None:
+            done(out[s:e].numpy())
+    return out.numpy(), finite
 
 
-def produce(plan: GGUFPlan, t: GGUFTensor) -> np.ndarray:
-    """Read one source tensor, transform it, encode it; checks the byte count against the plan, and
-    refuses NaN/inf in the source (or float16 overflow) unless `plan.allow_nonfinite`."""
+def produce(plan: GGUFPlan, t: GGUFTensor, pool: BufferPool | None = None,
+            done: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+    """Read one source tensor, transform it, encode it (into `pool`'s buffer when given, handing
+    finished parts to `done`, see `encode_checked`); checks the byte count against the plan, and
+    refuses NaN/inf in the source (or float16 overflow) unless `plan.allow_nonfinite`. Parts may
+    have been handed on before a refusal: the caller's output is then discarded."""
     allow = plan.allow_nonfinite
+    file = plan.reader.info(t.source).file
     if t.stack:  # routed experts: one layer's experts of a role, stacked (expert-major)
         parts = [plan.reader.get(name) for name in t.stack]
         for name, part in zip(t.stack, parts):
@@ -80,14 +137,15 @@ def produce(plan: GGUFPlan, t: GGUFTensor) -> np.ndarray:
         del parts
     else:
         data = plan.reader.get(t.source)
-        check_finite(t.source, data, plan.reader.info(t.source).file, allow)
     if tuple(data.shape) != t.shape:
         raise OutputError(f"{t.source}: shape {tuple(data.shape)} differs from the plan's {t.shape}")
     if t.permute_heads:
         data = reverse_rotary_permutation(data, t.permute_heads)
-    arr = encode(data, t.qtype, plan.threads)
-    if t.qtype == Q.F16 and data.dtype != torch.float16:  # values beyond ±65504 become inf
-        check_result(t.source, torch.from_numpy(arr), [(plan.reader.info(t.source).file, data)], allow)
+    arr, finite = encode_checked(data, t.qtype, plan.threads, pool, done)
+    if not finite:  # the scan on the way saw NaN/inf (or may have): name them, or the overflow
+        check_finite(t.source, data, file, allow)
+        if t.qtype == Q.F16 and data.dtype != torch.float16:  # values beyond ±65504 became inf
+            check_result(t.source, torch.from_numpy(arr), [(file, data)], allow)
     if arr.nbytes != t.nbytes:
         raise OutputError(f"{t.name}: encoded {arr.nbytes} bytes, the plan says {t.nbytes}")
     return arr
@@ -135,6 +193,56 @@ class _Writer(gguf.GGUFWriter):
     def format_shard_names(self, path: Path) -> list[Path]:
         return list(self._paths)
 
+    def _pack_val(self, val, vtype, add_vtype: bool, sub_type=None) -> bytes:
+        """gguf-py's packing, with a flat array packed in one go: its item-by-item path takes
+        ~20 µs a token, most of a second for a 32,000-token vocabulary. Same bytes: the items
+        one after the other, little-endian, no padding; anything else is left to gguf-py."""
+        V = gguf.GGUFValueType
+        if (vtype is not V.ARRAY or not isinstance(val, (list, tuple)) or not val
+                or self.endianess is not gguf.GGUFEndian.LITTLE or len({type(v) for v in val}) != 1):
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        ltype = sub_type if sub_type is not None else V.get_type(val[0])
+        fmt = self._simple_value_packing.get(ltype)
+        if ltype is V.STRING:
+            encoded = [v.encode("utf-8") if isinstance(v, str) else v for v in val]
+            body = b"".join(struct.pack("<Q", len(e)) + e for e in encoded)
+        elif fmt is not None:
+            body = struct.pack(f"<{len(val)}{fmt}", *val)
+        else:
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        return (struct.pack("<I", vtype) if add_vtype else b"") + struct.pack("<IQ", ltype, len(val)) + body
+
+
+class _Appender:
+    """Appends encoded parts to a file on a thread of its own, in order, telling the file's hasher
+    about each: the main thread's write of a part would otherwise leave the encoding workers'
+    cores idle, and the hasher could only start once a whole tensor was written."""
+
+    def __init__(self):
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="xquant-append")
+        self._pending: list[Future] = []
+
+    def append(self, fout, hasher: FileHasher, part: np.ndarray) -> None:
+        self._pending.append(self._thread.submit(self._write, fout, hasher, part))
+
+    @staticmethod
+    def _write(fout, hasher: FileHasher, part: np.ndarray) -> None:
+        begin = fout.tell()
+        fout.write(memoryview(part).cast("B"))
+        fout.flush()
+        hasher.finished(begin, fout.tell())
+
+    def wait(self) -> None:
+        """Once every part appended so far is written; raises the first write's error."""
+        pending, self._pending = self._pending, []
+        errors = [f.exception() for f in pending]
+        for e in errors:
+            if e is not None:
+                raise e
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+
 
 def _pad(fout, alignment: int) -> None:
     if pad := -fout.tell() % alignment:
@@ -169,6 +277,7 @@ def write_stage(plan: GGUFPlan, paths: list[Path], extra_kv: list[KV]) -> dict[P
     plan.vocab.add_to(writer)
     hashers: list[FileHasher] = []
     read_fds: list[int] = []
+    appender = _Appender()
     try:
         writer.write_header_to_file(path=paths[0])
         writer.write_kv_data_to_file()
@@ -180,6 +289,9 @@ def write_stage(plan: GGUFPlan, paths: list[Path], extra_kv: list[KV]) -> dict[P
             hashers.append(FileHasher(read_fds[-1]))
             hashers[-1].finished(0, fout.tell())
         layer, kernel_copy = None, True
+        # One output buffer for every encoded tensor (written before the next is made): its
+        # pages are touched once per run, not once per tensor.
+        pool = BufferPool(max((t.nbytes for t in plan.tensors), default=0), count=1)
         with progress(f"writing {plan.stage.name} GGUF", total=len(plan.tensors)) as advance:
             for fout, hasher, shard in zip(writer.fout, hashers, shards):
                 for t in shard:
@@ -191,9 +303,15 @@ def write_stage(plan: GGUFPlan, paths: list[Path], extra_kv: list[KV]) -> dict[P
                     src = passthrough(plan, t) if kernel_copy else None
                     if src is None or not _copy_into(fout, src, t.nbytes):
                         kernel_copy = kernel_copy and src is None
-                        arr = produce(plan, t)
-                        fout.write(memoryview(arr).cast("B"))
+                        fout.flush()
+                        hasher.finished(begin, fout.tell())  # the padding
+                        try:
+                            arr = produce(plan, t, pool, lambda part: appender.append(fout, hasher, part))
+                        finally:
+                            appender.wait()  # written: the buffer is free again (or failed: stop)
+                        pool.recycle(torch.from_numpy(arr))
                         del arr
+                        begin = fout.tell()
                     fout.flush()
                     hasher.finished(begin, fout.tell())
                     advance()
@@ -205,6 +323,7 @@ def write_stage(plan: GGUFPlan, paths: list[Path], extra_kv: list[KV]) -> dict[P
         hashers = []
         return digests
     finally:
+        appender.close()
         for hasher in hashers:  # only after a failure: they were emptied once digested
             hasher.cancel()
         for fd in read_fds:
