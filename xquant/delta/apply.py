@@ -10,7 +10,6 @@ the result are the delta's. Every check of checks.py runs before the output dire
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from ..io.readers import TensorReader
 from ..io.writer import TensorSpec
 from ..model import HFModel, open_hf
 from ..pipeline import TensorJob
-from .arith import add_delta, one_thread
+from .arith import add_delta, one_thread, owns_mapping
 from .checks import (Pair, check_base_identity, check_embedding, check_fingerprint, check_shapes,
                      declared_dtype, pair_tensors)
 from .record import read_record
@@ -56,12 +55,16 @@ def _source(p: Pair) -> str:
 
 def _job(p: Pair, base: TensorReader, delta: TensorReader, out_dtype: torch.dtype,
          fingerprints: dict[str, Any], base_path: Path, delta_path: Path, pool: BufferPool) -> TensorJob:
+    # Both inputs in mappings of their own, read once: their pages go back as the sum moves on.
+    release = owns_mapping(delta) and (p.whole or owns_mapping(base))
+
     def produce() -> torch.Tensor:
         b = None
         if not p.whole:
             b = base.get(p.name)
             check_fingerprint(p.name, b, fingerprints, base_path, delta_path)
-        return add_delta(p.name, delta.get(p.name), b, out_dtype, out=pool.empty(p.other.shape, out_dtype))
+        return add_delta(p.name, delta.get(p.name), b, out_dtype, out=pool.empty(p.other.shape, out_dtype),
+                         release_inputs=release)
 
     # A tensor the delta stores whole, already in the output dtype, is copied file to file in-kernel.
     same = p.whole and p.other.dtype == out_dtype
@@ -69,38 +72,18 @@ def _job(p: Pair, base: TensorReader, delta: TensorReader, out_dtype: torch.dtyp
                      passthrough=delta.byte_range(p.name) if same else None)
 
 
-class _VocabPool(BufferPool):
-    """Output buffers in two pools: one buffer for the vocabulary-sized tensors (embedding and
-    head, larger than any other), and a BufferPool of its usual three for the rest.
-
-    A single pool hands each tensor whichever buffer came back last, and which one that is depends
-    on how the producer and the writer threads happen to interleave: the head (the last tensor)
-    then landed in the embedding's buffer in some runs and, in others, in a buffer touched only to
-    a layer tensor's size, touching 130 MiB of fresh pages at the very moment the peak is made
-    (the head's two inputs are mapped too). Kept apart, the head always reuses the embedding's
-    pages and the peak no longer depends on thread timing.
-    """
-
-    def __init__(self, layer_bytes: int, vocab_bytes: int):
-        super().__init__(layer_bytes)
-        self.vocab = BufferPool(vocab_bytes, count=1)  # the embedding and the head are never in flight together
-
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        if dtype.itemsize * math.prod(shape) > self.nbytes:
-            return self.vocab.empty(shape, dtype)
-        return super().empty(shape, dtype)
-
-    def recycle(self, tensor: torch.Tensor) -> None:
-        super().recycle(tensor)
-        self.vocab.recycle(tensor)
-
-
 def _output_pool(pairs: list[Pair], out_dtype: torch.dtype) -> BufferPool:
-    sizes = {vocab: max((p.other.numel * out_dtype.itemsize for p in pairs if p.vocab == vocab), default=0)
-             for vocab in (False, True)}
-    if sizes[True] <= sizes[False]:
-        return BufferPool(sizes[False])
-    return _VocabPool(sizes[False], sizes[True])
+    """Two output buffers, each the size of the largest output: the one being written and the
+    next one, made meanwhile; the producer waits for the writer to hand one back (bounded, as in
+    convert: a write taking longer gets fresh memory).
+
+    The pool held four before (one for the embedding and head, three of a layer tensor's size,
+    the third for a tensor queued between the two): at 70B widths 0.49 + 3 x 0.44 GiB of buffers,
+    with the head's two inputs mapped on top, 3.0 GiB at the peak, and the layer buffers' pages
+    were touched further as layers went by (3.3 GiB with two layers). Two of one size keep the
+    outputs at 2 x the largest tensor, whatever the depth and however the threads interleave.
+    """
+    return BufferPool(max((p.other.numel * out_dtype.itemsize for p in pairs), default=0), count=2, wait=5.0)
 
 
 def _inflight(p: Pair, out_dtype: torch.dtype) -> int:
