@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 
@@ -81,7 +82,8 @@ def cpu_against_cuda(samples: int, seq_len: int, gpu: str = "cuda") -> None:
         report = OUT / f"gpu-report-{device}"
         shutil.rmtree(report, ignore_errors=True)
         t0 = time.perf_counter()
-        measure(xquant_cmd("report", src, outs[gpu], "--out", report, "--device", device))
+        subprocess.run(xquant_cmd("report", src, outs[gpu], "--out", report, "--device", device), check=True,
+                       stdout=subprocess.DEVNULL, env={**os.environ, "XQUANT_QUIET": "1"})
         print(f"report --device {device}: {time.perf_counter() - t0:.1f} s")
         shutil.rmtree(report, ignore_errors=True)
     for path in set(outs.values()):
