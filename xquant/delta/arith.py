@@ -14,10 +14,8 @@ than `torch.isfinite`); the precise diagnosis runs only once something is wrong.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 import mmap
-import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -25,7 +23,8 @@ import torch
 
 from ..io.dtypes import dtype_name
 from ..io.finite import NonFiniteError
-from ..io.readers import SafetensorsReader, TensorReader
+from ..io.pages import can_drop, drop_resident
+from ..io.readers import TensorReader
 
 # 256 Ki elements (1 MiB as float32): a chunk's inputs and output stay in a core's L2 cache, so the
 # NaN/inf scan right after the sum reads cache, not memory (measured 4-10x cheaper than at 4 Mi).
@@ -61,11 +60,6 @@ def _row_chunks(rows: int, row_elements: int):
         yield r0, min(rows, r0 + step)
 
 
-# madvise(2) where the C library has it (Linux): see _Consumed.
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-_CAN_DROP = _LIBC is not None and hasattr(mmap, "MADV_DONTNEED")
-
-
 class _Consumed:
     """Hands the pages of an input held in a private, unwritten file mapping back to the page
     cache as the chunked pass moves past them (MADV_DONTNEED: read again from the file should
@@ -86,25 +80,18 @@ class _Consumed:
         end = self.start + nbytes
         end = -(-end // mmap.PAGESIZE) * mmap.PAGESIZE if final else end - end % mmap.PAGESIZE
         if end - self.done >= (1 if final else self.STEP):
-            _LIBC.madvise(ctypes.c_void_p(self.done), ctypes.c_size_t(end - self.done), mmap.MADV_DONTNEED)
+            drop_resident(self.done, end - self.done)
             self.done = end
 
 
-def trim_heap() -> None:
-    """Hand the free memory of glibc's heap back to the system (malloc_trim; a no-op elsewhere)."""
-    trim = getattr(_LIBC, "malloc_trim", None) if _LIBC is not None else None
-    if trim is not None:
-        trim(0)
-
-
 def owns_mapping(reader: TensorReader) -> bool:
-    """Whether the reader's `get` gives a private file mapping of the tensor's bytes made for that
-    call alone (io/safetensors_file.py read_tensor), whose pages can be handed back once read."""
-    return type(reader) is SafetensorsReader
+    """Whether the reader's tensors are mappings of their own, whose pages can be handed back."""
+    return reader.private_mappings
 
 
-def _consumed(t: torch.Tensor | None, release: bool) -> _Consumed | None:
-    if not release or not _CAN_DROP or t is None or t.numel() == 0 or not t.is_contiguous():
+def consumed(t: torch.Tensor | None, release: bool) -> _Consumed | None:
+    """A tracker handing t's pages back as a chunked pass reads them, or None when it must not."""
+    if not release or not can_drop() or t is None or t.numel() == 0 or not t.is_contiguous():
         return None
     return _Consumed(t)
 
@@ -149,7 +136,7 @@ def _fill(name: str, a: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor,
     nb = y.shape[0] if y is not None else 0
     # (pages handed back, bytes of a row, rows it has): each input is read once, in row order
     inputs = [(c, t.shape[1] * t.element_size(), t.shape[0])
-              for c, t in ((_consumed(a, release_inputs), x), (_consumed(b, release_inputs), y)) if c is not None]
+              for c, t in ((consumed(a, release_inputs), x), (consumed(b, release_inputs), y)) if c is not None]
     for r0, r1 in _row_chunks(x.shape[0], x.shape[1]):
         k = max(0, min(r1, nb) - r0)
         if k:

@@ -28,7 +28,8 @@ from ..errors import InputError, ShapeError, UnsupportedError
 from ..io.dtypes import FLOAT_DTYPES, dtype_name, parse_dtype
 from ..io.readers import TensorInfo, TensorReader
 from ..model import HFModel
-from .arith import _consumed, owns_mapping, trim_heap
+from ..io.pages import trim_heap
+from .arith import consumed, owns_mapping
 from .styles import VOCAB_ROLES, Style
 
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -246,7 +247,7 @@ def mean_row_cosine(a: torch.Tensor, b: torch.Tensor, release_inputs: bool = Fal
     idx = torch.linspace(0, rows - 1, min(rows, COSINE_SAMPLE_ROWS)).round().long().unique()
     x_all, y_all = a.reshape(a.shape[0], -1), b.reshape(rows, -1)
     done = [(c, t.shape[1] * t.element_size()) for c, t in
-            ((_consumed(a, release_inputs), x_all), (_consumed(b, release_inputs), y_all)) if c is not None]
+            ((consumed(a, release_inputs), x_all), (consumed(b, release_inputs), y_all)) if c is not None]
     cosines: list[torch.Tensor] = []
     for i0 in range(0, len(idx), COSINE_BLOCK_ROWS):
         block = idx[i0:i0 + COSINE_BLOCK_ROWS]

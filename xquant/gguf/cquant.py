@@ -16,13 +16,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
+
+from ..io.pool import cores, parallel_map
 
 # The types ggml quantizes without an importance matrix by its reference rows (k-quants go
 # through llama.cpp's model quantizer instead, see kquant.py).
@@ -75,14 +75,12 @@ def quantize(rows: np.ndarray, qtype: Q, out: np.ndarray, threads: int | None = 
         if written != count * row_bytes:
             raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {count * row_bytes}")
 
-    starts = range(0, n, ROWS_PER_TASK)
-    workers = max(1, min(threads or os.cpu_count() or 1, len(starts)))
-    if workers == 1:
-        for s in starts:
+    starts = list(range(0, n, ROWS_PER_TASK))
+    if (threads or cores()) == 1 or len(starts) == 1:
+        for s in starts:  # already on a worker (writer.encode_checked's row tasks): no second level
             task(s)
     else:
-        with ThreadPoolExecutor(workers, thread_name_prefix="xquant-quant") as pool:
-            list(pool.map(task, starts))
+        parallel_map(task, starts, threads)
     return True
 
 

@@ -11,13 +11,10 @@ records for each member is checked (zip_crc.py) before a tensor's bytes are firs
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
-import mmap
 import pickle
 import re
-import sys
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -28,6 +25,7 @@ import torch
 
 from ..errors import CorruptFileError, InputError
 from .safetensors_file import Entry, read_header, read_tensor
+from .pages import drop_resident
 from .zip_crc import ZipCRC
 
 
@@ -49,6 +47,10 @@ class TensorInfo:
 
 class TensorReader:
     """Base class: a name -> tensor mapping backed by files, read lazily."""
+
+    # Whether `get` returns a private file mapping of the tensor's bytes made for that call alone,
+    # whose pages the caller may hand back once read (pages.drop_resident).
+    private_mappings = False
 
     def __init__(self, root: Path):
         self.root = root
@@ -107,6 +109,8 @@ class TensorReader:
 class SafetensorsReader(TensorReader):
     """One or more safetensors files; every header is validated up front."""
 
+    private_mappings = True  # safetensors_file.read_tensor maps each tensor's range on its own
+
     def __init__(self, root: Path, files: list[Path]):
         super().__init__(root)
         self._entries: dict[str, tuple[Path, Entry]] = {}
@@ -160,21 +164,6 @@ def load_pickle_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CorruptFileError(f"{path}: not a tensor checkpoint (expected a dict of tensors)")
     return obj
-
-
-# madvise(2) where the C library has it (Linux): see PickleReader.release.
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
-def _drop_resident(address: int, length: int) -> bool:
-    """MADV_DONTNEED over a private file mapping that nothing has written to: its pages stop
-    counting against the process and are read back from the page cache on the next access (the
-    file's own bytes: nothing is lost). False where it cannot be done."""
-    if _LIBC is None or not hasattr(mmap, "MADV_DONTNEED"):
-        return False
-    start = address - address % mmap.PAGESIZE
-    end = -(-(address + length) // mmap.PAGESIZE) * mmap.PAGESIZE
-    return _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED) == 0
 
 
 class PickleReader(TensorReader):
@@ -244,7 +233,7 @@ class PickleReader(TensorReader):
         MADV_DONTNEED frees the same pages as unmapping does. Other files are dropped."""
         for file in list(self._loaded):
             crc = self._crc.get(file)
-            if crc is None or crc.base is None or not _drop_resident(crc.base, crc.size):
+            if crc is None or crc.base is None or not drop_resident(crc.base, crc.size):
                 del self._loaded[file]
 
 
